@@ -1,0 +1,49 @@
+# megatron-sip: `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megatron-sip-installed
+# On CPU machines pip must take the local CPU build of torch (any other spec pulls a CUDA build).
+CPU_TORCH := torch==2.13.0
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-fast lint format clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+ifeq ($(HAVE_GPU),1)
+	# GPU machines: reuse the system's CUDA torch (and Transformer Engine, if installed).
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(CPU_TORCH)
+endif
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on its embedded default. For now: the tiny Llama model at TP=2 on two CPU
+# processes: train a few steps, save a distributed checkpoint, load it back.
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --nproc-per-node 2 tools/parallel_smoke.py \
+		@examples/tiny_llama_cpu.args --tensor-model-parallel-size 2
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Skips the multi-process end-to-end tests (CI runs them through `make test`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,258 @@
+"""Megatron-style command-line flags, derived from the config dataclasses.
+
+Every setting is a field of a config dataclass with a docstring under it (as in Megatron-Core's
+``TransformerConfig``). This module turns each field into a ``--kebab-case`` flag whose help is that
+docstring, so flag, help text and config cannot drift apart. Entry points call :func:`parse_args`;
+library code receives the config objects, never the parsed namespace.
+
+A flags file can be passed as ``@path``: one or more flags per line, ``#`` starts a comment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import shlex
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from megatron_sip.data.config import TokenizerConfig
+from megatron_sip.errors import ConfigError
+from megatron_sip.initialize import ParallelConfig, world_size_from_env
+from megatron_sip.models.checkpointing import CheckpointConfig
+from megatron_sip.models.config import ModelConfig
+from megatron_sip.platform import PlatformConfig
+from megatron_sip.training.config import TrainingConfig
+
+# Argument groups of every megatron-sip job: attribute name on the result -> config class.
+# Entry points that need more (SIP, judge, rewriter) pass extra groups to parse_args.
+BASE_GROUPS: dict[str, type] = {
+    "platform": PlatformConfig,
+    "parallel": ParallelConfig,
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass -> flags
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """``tensor_model_parallel_size`` -> ``--tensor-model-parallel-size``."""
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _parser_for(tp):
+    """(argparse type, nargs, choices) for a field type."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        values = typing.get_args(tp)
+        return type(values[0]), None, values
+    if origin in (list, tuple, Sequence):
+        (item,) = typing.get_args(tp)[:1]
+        return _unwrap_optional(item), "+", None
+    if tp in (int, float, str):
+        return tp, None, None
+    raise TypeError(f"no flag parser for field type {tp!r}")
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Adds one flag per field of ``cls`` to an argument group named ``title``."""
+    group = parser.add_argument_group(title)
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init or field.metadata.get("no_flag"):
+            continue
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        tp, default = hints[field.name], _default(field)
+        if _unwrap_optional(tp) is bool:
+            # Off by default: `--flag` turns it on; on by default: `--no-flag` turns it off.
+            flag = flag_name(field) if not default else "--no-" + flag_name(field)[2:]
+            action = "store_false" if default else "store_true"
+            group.add_argument(flag, dest=field.name, action=action, help=help_text)
+            continue
+        arg_type, nargs, choices = _parser_for(tp)
+        metavar = field.name.upper()
+        if choices:
+            # Checked by the config itself, so the error names the flag and the fix.
+            metavar = "{" + ",".join(map(str, choices)) + "}"
+        group.add_argument(
+            flag_name(field),
+            dest=field.name,
+            type=arg_type,
+            nargs=nargs,
+            default=default,
+            metavar=metavar,
+            help=help_text,
+        )
+
+
+def config_from_namespace(cls: type, namespace: argparse.Namespace):
+    """Builds ``cls`` from the parsed flags (its ``__post_init__`` validates each field)."""
+    values = {
+        f.name: getattr(namespace, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and hasattr(namespace, f.name)
+    }
+    return cls(**values)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the entry point's docstring as written."""
+
+
+class _FlagsFileParser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+
+def build_parser(groups: Mapping[str, type], description: str | None = None):
+    parser = _FlagsFileParser(
+        description=description,
+        fromfile_prefix_chars="@",
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+    seen: dict[str, str] = {}
+    for title, cls in groups.items():
+        for field in dataclasses.fields(cls):
+            if field.name in seen:
+                raise TypeError(
+                    f"field {field.name} is declared by both {seen[field.name]} and {title}"
+                )
+            seen[field.name] = title
+        add_config_arguments(parser, cls, title)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# parsing and cross-config validation
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    *,
+    groups: Mapping[str, type] = BASE_GROUPS,
+    extra_groups: Mapping[str, type] | None = None,
+    world_size: int | None = None,
+    description: str | None = None,
+    exit_on_error: bool = True,
+) -> types.SimpleNamespace:
+    """Parses Megatron-style flags into config objects, one attribute per group.
+
+    ``groups`` (default: every base group) plus ``extra_groups`` name the config classes;
+    ``world_size`` (default: from the launcher's environment) is needed to check the parallel
+    layout and batch sizes. With ``exit_on_error`` a bad setting prints its message and exits 2,
+    as argparse does; otherwise :class:`ConfigError` is raised.
+    """
+    groups = {**groups, **(extra_groups or {})}
+    parser = build_parser(groups, description)
+    namespace = parser.parse_args(argv)
+    try:
+        configs = types.SimpleNamespace(
+            **{title: config_from_namespace(cls, namespace) for title, cls in groups.items()}
+        )
+        validate_configs(configs, world_size if world_size is not None else world_size_from_env())
+    except ConfigError as error:
+        if exit_on_error:
+            parser.error(str(error))
+        raise
+    return configs
+
+
+def validate_configs(configs: Any, world_size: int) -> None:
+    """Checks that need more than one config group (each group checks its own fields)."""
+    parallel: ParallelConfig | None = getattr(configs, "parallel", None)
+    model: ModelConfig | None = getattr(configs, "model", None)
+    training: TrainingConfig | None = getattr(configs, "training", None)
+    if parallel is None:
+        return
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    data_parallel_size = parallel.data_parallel_size(world_size)
+    if parallel.sequence_parallel and tp == 1:
+        # As Megatron-LM: sequence parallelism is a no-op without tensor parallelism.
+        parallel.sequence_parallel = False
+    if model is not None:
+        _validate_model_layout(model, tp, pp)
+    if training is not None:
+        per_step = training.micro_batch_size * data_parallel_size
+        if training.global_batch_size is not None and training.global_batch_size % per_step:
+            raise ConfigError(
+                "--global-batch-size",
+                f"{training.global_batch_size} is not divisible by --micro-batch-size "
+                f"{training.micro_batch_size} x data-parallel size {data_parallel_size} = "
+                f"{per_step}; use a multiple of {per_step}",
+            )
+
+
+def _validate_model_layout(model: ModelConfig, tp: int, pp: int) -> None:
+    if model.num_attention_heads % tp:
+        raise ConfigError(
+            "--tensor-model-parallel-size",
+            f"--num-attention-heads {model.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}; pick a TP size that divides the number of heads",
+        )
+    groups = model.query_groups()
+    if groups % tp:
+        raise ConfigError(
+            "--num-query-groups",
+            f"{groups} query groups are not divisible by --tensor-model-parallel-size {tp}; "
+            "pick a TP size that divides --num-query-groups",
+        )
+    if model.num_layers % pp:
+        raise ConfigError(
+            "--pipeline-model-parallel-size",
+            f"--num-layers {model.num_layers} is not divisible by "
+            f"--pipeline-model-parallel-size {pp}; pick a PP size that divides the layer count",
+        )

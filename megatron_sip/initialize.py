@@ -1,0 +1,257 @@
+"""torch.distributed and Megatron-Core's parallel state, from torchrun's or SLURM's environment.
+
+Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) those
+variables are used. Under ``srun`` with one task per rank and no torchrun, the world comes from
+``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``; the master is the first host of
+``SLURM_JOB_NODELIST`` and the port ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``. With
+neither, the process is a world of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+import re
+import socket
+from collections.abc import Mapping
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.rerun_state_machine import (
+    destroy_rerun_state_machine,
+    initialize_rerun_state_machine,
+)
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_sip import platform
+from megatron_sip.errors import ConfigError, require_positive
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """How ranks are split into tensor-, pipeline-, context- and data-parallel groups."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (TP)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layers into consecutive stages (PP)."""
+
+    context_parallel_size: int = 1
+    """Ranks that split each sequence (CP)."""
+
+    sequence_parallel: bool = False
+    """Split activations outside attention and MLP along the sequence over the TP ranks."""
+
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations."""
+
+    def __post_init__(self):
+        require_positive("--tensor-model-parallel-size", self.tensor_model_parallel_size)
+        require_positive("--pipeline-model-parallel-size", self.pipeline_model_parallel_size)
+        require_positive("--context-parallel-size", self.context_parallel_size)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world / (TP x PP x CP); the world must divide evenly."""
+        if world_size % self.model_parallel_size:
+            raise ConfigError(
+                "--tensor-model-parallel-size",
+                f"world size {world_size} is not divisible by TP x PP x CP = "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
+                f"{self.context_parallel_size}; launch a multiple of {self.model_parallel_size} "
+                "ranks or change the parallel sizes",
+            )
+        return world_size // self.model_parallel_size
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher environment
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Who this process is in the job, as its launcher described it."""
+
+    launcher: str  # "torchrun", "slurm" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match or not match.group(1):
+        raise ValueError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Reads the world from torchrun's variables, else SLURM's, else a world of one."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" in env:
+            master_addr = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env:
+            master_addr = first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+        else:
+            raise RuntimeError("SLURM launch without SLURM_JOB_NODELIST or MASTER_ADDR")
+        if "MASTER_PORT" in env:
+            master_port = int(env["MASTER_PORT"])
+        else:
+            # Every task of the job derives the same port from the job id.
+            master_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000
+        return LaunchEnv(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master_addr,
+            master_port=master_port,
+        )
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def world_size_from_env() -> int:
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return launch_env().world_size
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DistributedContext:
+    """The initialised world: launcher info, device and Megatron's process groups."""
+
+    launch: LaunchEnv
+    device: str
+    pg_collection: ProcessGroupCollection
+    tensor_parallel_rank: int
+    pipeline_parallel_rank: int
+    data_parallel_rank: int
+    data_parallel_size: int
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    def describe(self) -> dict:
+        return {
+            "launcher": self.launch.launcher,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.launch.local_rank,
+            "master": f"{self.launch.master_addr}:{self.launch.master_port}",
+            "device": self.device,
+            "backend": dist.get_backend(),
+            "tp_rank": self.tensor_parallel_rank,
+            "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp_rank": self.pipeline_parallel_rank,
+            "pp_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "cp_size": parallel_state.get_context_parallel_world_size(),
+            "dp_rank": self.data_parallel_rank,
+            "dp_size": self.data_parallel_size,
+        }
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's seeding: offset by pipeline stage, TP ranks share the model-parallel seed
+    through Megatron's RNG tracker."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_distributed(
+    parallel: ParallelConfig,
+    device: str = "auto",
+    seed: int = 1234,
+    environ: Optional[Mapping[str, str]] = None,
+) -> DistributedContext:
+    """Activates the platform, joins the process group and builds Megatron's parallel state."""
+    device = platform.activate(device)
+    launch = launch_env(environ)
+    dp_size = parallel.data_parallel_size(launch.world_size)
+    if device == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=platform.distributed_backend(),
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    set_random_seed(seed)
+    # As Megatron-LM: the schedules consult it; result re-runs stay off.
+    initialize_rerun_state_machine()
+    return DistributedContext(
+        launch=launch,
+        device=device,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pipeline_parallel_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=dp_size,
+    )
+
+
+def destroy_distributed() -> None:
+    """Tears down Megatron's parallel state and the process group (safe to call twice)."""
+    destroy_rerun_state_machine()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Llama-style GPT model (Megatron-Core GPTModel), checkpoints and the EMA reference."""

@@ -1,0 +1,120 @@
+"""Builds the policy / judge / rewriter network: Megatron-Core's GPTModel at any TP/PP."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from megatron_sip import platform
+from megatron_sip.initialize import ParallelConfig
+from megatron_sip.models.config import ModelConfig
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False
+) -> TransformerConfig:
+    """Megatron-Core's TransformerConfig for this architecture and parallel layout."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_size(),
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups if model.group_query_attention else None,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=not model.disable_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        **platform.model_config_overrides(),
+    )
+
+
+def layer_spec(model: ModelConfig):
+    """Transformer Engine's layer spec when selected, else Megatron-Core's local modules."""
+    if model.use_transformer_engine(platform.active_device()):
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vocab_size: int,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+) -> GPTModel:
+    """One pipeline stage of the model (stage position from parallel_state by default)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=vocab_size,
+        max_sequence_length=model.seq_length_limit() or model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=model.rotary_base,
+        rotary_percent=model.rotary_percent,
+        pg_collection=pg_collection,
+    )
+
+
+def wrap_with_ddp(
+    module: GPTModel, config: TransformerConfig, *, use_distributed_optimizer: bool = False
+) -> DistributedDataParallel:
+    """Megatron's DDP wrapper: contiguous fp32 gradient buffers reduced over data-parallel ranks."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    vocab_size: int,
+    *,
+    bf16: bool = False,
+    use_distributed_optimizer: bool = False,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+) -> tuple[list[DistributedDataParallel], TransformerConfig]:
+    """This rank's model chunks, DDP-wrapped, and their TransformerConfig."""
+    config = transformer_config(model, parallel, bf16=bf16)
+    module = build_gpt_model(model, config, vocab_size, pg_collection=pg_collection)
+    if bf16:
+        module = Float16Module(config, module)
+    chunk = wrap_with_ddp(module, config, use_distributed_optimizer=use_distributed_optimizer)
+    return [chunk], config

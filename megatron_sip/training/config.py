@@ -1,0 +1,90 @@
+"""Batch, optimizer, learning-rate schedule and precision settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from megatron_sip.errors import ConfigError, require_choice, require_positive
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """How the model is optimised."""
+
+    micro_batch_size: int = 1
+    """Samples per micro-batch on each data-parallel rank."""
+
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all data-parallel ranks. Default: micro-batch size x
+    data-parallel size. Must be a multiple of that product (the rest is gradient accumulation)."""
+
+    train_iters: int = 0
+    """Optimizer steps to train for."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "linear"
+    """Learning-rate decay after warm-up."""
+
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps from 0 to --lr."""
+
+    lr_decay_iters: Optional[int] = None
+    """Steps over which the learning rate decays. Default: --train-iters."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Optimizer (adam is AdamW: decoupled weight decay)."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip gradients to this global L2 norm (0 disables clipping)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    bf16: bool = False
+    """bfloat16 parameters and activations with fp32 main weights in the optimizer."""
+
+    seed: int = 1234
+    """Random seed for weights, data order and sampling."""
+
+    log_interval: int = 100
+    """Log training metrics every this many steps."""
+
+    def __post_init__(self):
+        require_positive("--micro-batch-size", self.micro_batch_size)
+        if self.global_batch_size is not None:
+            require_positive("--global-batch-size", self.global_batch_size)
+        require_choice("--lr-decay-style", self.lr_decay_style, LR_DECAY_STYLES)
+        require_choice("--optimizer", self.optimizer, ("adam", "sgd"))
+        if self.train_iters < 0:
+            raise ConfigError("--train-iters", f"must be >= 0, got {self.train_iters}")
+        if self.min_lr > self.lr:
+            raise ConfigError("--min-lr", f"{self.min_lr} is above --lr {self.lr}")
+        if self.clip_grad < 0:
+            raise ConfigError("--clip-grad", "must be >= 0 (0 disables clipping)")
+        require_positive("--log-interval", self.log_interval)
+
+    def global_batch(self, data_parallel_size: int) -> int:
+        return self.global_batch_size or self.micro_batch_size * data_parallel_size
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        return self.global_batch(data_parallel_size) // (self.micro_batch_size * data_parallel_size)

@@ -1,0 +1,137 @@
+"""Flags come from the config dataclasses; every bad setting names its flag and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_sip.arguments import BASE_GROUPS, build_parser, field_docs, parse_args
+from megatron_sip.errors import ConfigError
+from megatron_sip.models.config import ModelConfig, transformer_engine_available
+
+MODEL = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "32", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+]  # fmt: skip
+
+
+def parse(*flags, world_size=1):
+    return parse_args([*MODEL, *flags], world_size=world_size, exit_on_error=False)
+
+
+def test_every_field_is_a_documented_flag():
+    parser = build_parser(BASE_GROUPS)
+    help_text = parser.format_help()
+    for cls in BASE_GROUPS.values():
+        docs = field_docs(cls)
+        for name in cls.__dataclass_fields__:
+            assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
+    for flag in (
+        "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
+        "--num-layers", "--hidden-size", "--num-attention-heads", "--group-query-attention",
+        "--num-query-groups", "--ffn-hidden-size", "--seq-length", "--max-position-embeddings",
+        "--swiglu", "--normalization", "--position-embedding-type",
+        "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--transformer-impl",
+        "--micro-batch-size", "--global-batch-size", "--train-iters", "--lr", "--min-lr",
+        "--lr-decay-style", "--lr-warmup-iters", "--clip-grad", "--weight-decay",
+        "--adam-beta1", "--adam-beta2", "--bf16", "--use-distributed-optimizer", "--seed",
+        "--log-interval", "--tokenizer-type", "--tokenizer-model", "--save", "--load",
+        "--save-interval", "--ckpt-format", "--device",
+    ):  # fmt: skip
+        assert flag in help_text, flag
+    assert "Number of key/value head groups" in help_text  # the docstring is the help
+
+
+def test_llama_flags_parse_into_configs(tmp_path):
+    flags_file = tmp_path / "llama.args"
+    flags_file.write_text(
+        "# a Llama-style model\n--normalization RMSNorm --swiglu\n"
+        "--position-embedding-type rope --group-query-attention --num-query-groups 2\n"
+        "--untie-embeddings-and-output-weights --disable-bias-linear\n"
+    )
+    configs = parse(
+        f"@{flags_file}", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--lr", "3e-4", "--device", "cpu", world_size=4,
+    )  # fmt: skip
+    model = configs.model
+    assert (model.normalization, model.swiglu, model.position_embedding_type) == (
+        "RMSNorm", True, "rope",
+    )  # fmt: skip
+    assert model.group_query_attention and model.num_query_groups == 2
+    assert model.untie_embeddings_and_output_weights and model.disable_bias_linear
+    assert configs.parallel.tensor_model_parallel_size == 2
+    assert configs.parallel.data_parallel_size(4) == 2
+    assert configs.training.lr == 3e-4
+    assert configs.training.num_microbatches(2) == 2
+    assert configs.platform.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "flags,world_size,flag,fragment",
+    [
+        (["--tensor-model-parallel-size", "3"], 3, "--tensor-model-parallel-size",
+         "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+        (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size",
+         "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+        (["--micro-batch-size", "2", "--global-batch-size", "6"], 2, "--global-batch-size",
+         "6 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4"),
+        (["--tokenizer-type", "GPT2BPETokenizer"], 1, "--tokenizer-type",
+         "unknown value 'GPT2BPETokenizer'; choose one of SentencePieceTokenizer"),
+        (["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size",
+         "world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"),
+        (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size",
+          "2"], 2, "--num-query-groups", "1 query groups are not divisible"),
+        (["--group-query-attention", "--num-query-groups", "3"], 1, "--num-query-groups",
+         "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+        (["--group-query-attention"], 1, "--num-query-groups", "needs --num-query-groups"),
+        (["--hidden-size", "66"], 1, "--num-attention-heads",
+         "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+        (["--max-position-embeddings", "16"], 1, "--max-position-embeddings",
+         "16 is smaller than --seq-length 32"),
+        (["--tokenizer-type", "SentencePieceTokenizer"], 1, "--tokenizer-model",
+         "SentencePieceTokenizer needs --tokenizer-model PATH"),
+        (["--lr-decay-style", "wavy"], 1, "--lr-decay-style", "unknown value 'wavy'"),
+        (["--save-interval", "10"], 1, "--save-interval", "needs --save DIR"),
+        (["--device", "tpu"], 1, "--device", "unknown value 'tpu'"),
+        (["--ckpt-format", "torch"], 1, "--ckpt-format", "unknown value 'torch'"),
+        (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr", "1.0 is above --lr 0.1"),
+    ],
+)  # fmt: skip
+def test_validation_errors_name_the_flag(flags, world_size, flag, fragment):
+    with pytest.raises(ConfigError) as error:
+        parse(*flags, world_size=world_size)
+    assert error.value.flag == flag
+    assert fragment in str(error.value)
+    assert str(error.value).startswith(flag)
+
+
+def test_missing_required_flag():
+    with pytest.raises(ConfigError, match="--num-layers: is required"):
+        parse_args(["--vocab-size", "8"], world_size=1, exit_on_error=False)
+
+
+@pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine is installed")
+def test_transformer_engine_requested_without_it():
+    with pytest.raises(ConfigError, match="--transformer-impl: transformer_engine was requested"):
+        parse("--transformer-impl", "transformer_engine")
+
+
+def test_bad_flag_exits_with_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*MODEL, "--tensor-model-parallel-size", "3"], world_size=3)
+    assert exit_info.value.code == 2
+    assert "--tensor-model-parallel-size" in capsys.readouterr().err
+
+
+def test_sequence_parallel_needs_tensor_parallel():
+    assert parse("--sequence-parallel").parallel.sequence_parallel is False
+    configs = parse("--sequence-parallel", "--tensor-model-parallel-size", "2", world_size=2)
+    assert configs.parallel.sequence_parallel is True
+
+
+def test_swiglu_ffn_default_matches_megatron():
+    model = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=8)
+    assert model.ffn_size() == 1024
+    swiglu = ModelConfig(
+        num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=8, swiglu=True
+    )
+    assert swiglu.ffn_size() == 640  # int(4 * 256 * 2 / 3 / 64) * 64
