@@ -1,9 +1,11 @@
 """The one place where megatron-sip adapts Megatron-Core to the machine it runs on.
 
 Megatron-Core is written for CUDA: it asks for ``torch.cuda.current_device()``, passes
-``device="cuda"`` and ``pin_memory=True``, calls ``.cuda()``, keeps CUDA RNG states and asserts CUDA
-gradients when clipping. In CPU mode this module makes all of that land on the CPU, so every other
-module is written as for GPUs and never branches on the device. GPU mode changes nothing.
+``device="cuda"`` and ``pin_memory=True``, calls ``.cuda()``, dispatches on type strings such as
+``'torch.cuda.FloatTensor'``, keeps CUDA RNG states, asserts CUDA gradients when clipping, and
+without apex/Transformer Engine mishandles torch AdamW's per-parameter ``step`` in the distributed
+optimizer. In CPU mode this module makes all of that work on the CPU, so every other module is
+written as for GPUs and never branches on the device. GPU mode changes nothing.
 
 Call :func:`activate` once at start-up, before any model is built (``initialize.py`` does).
 """
@@ -141,6 +143,13 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = (args[0], _CPU, *args[2:])
         elif func is torch.Tensor.pin_memory:
             return args[0]
+        elif func is torch.Tensor.type:
+            # Megatron's optimizers dispatch on type strings such as 'torch.cuda.FloatTensor':
+            # CPU tensors stand in for CUDA ones, so they answer (and convert) with CUDA names.
+            if len(args) == 1 and not kwargs:
+                return func(*args).replace("torch.", "torch.cuda.", 1)
+            if len(args) > 1 and isinstance(args[1], str):
+                args = (args[0], args[1].replace("torch.cuda.", "torch.", 1), *args[2:])
         return func(*args, **kwargs)
 
 
@@ -170,6 +179,7 @@ def _drop_cpu_rng_warning(record: logging.LogRecord) -> bool:
 def _install_cpu_adaptations() -> None:
     import megatron.core.optimizer.optimizer as megatron_optimizer
     import megatron.core.tensor_parallel.random as megatron_random
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     mode = _CudaToCpuMode()
     mode.__enter__()
@@ -197,6 +207,57 @@ def _install_cpu_adaptations() -> None:
 
     # 3. Gradient clipping: Megatron's version asserts CUDA gradients.
     _patch(megatron_optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu)
+
+    # 4. Without apex/TE Megatron's optimizer wraps torch's AdamW, whose per-parameter "step"
+    #    the distributed optimizer does not handle on its own (see the functions below).
+    for name, replacement in (
+        ("state_dict", _distopt_state_dict),
+        ("load_state_dict", _distopt_load_state_dict),
+        ("_set_main_param_and_optimizer_states", _distopt_set_states),
+    ):
+        _originals[name] = getattr(DistributedOptimizer, name)
+        _patch(DistributedOptimizer, name, replacement)
+
+
+_originals: dict = {}
+
+
+def _distopt_state_dict(self):
+    """A fresh torch AdamW has no state until its first step, but the distributed optimizer reads
+    "step" from every state when it builds a checkpoint: create what a first step would find
+    (step 0, zero moments; parameters untouched)."""
+    inner = self.optimizer
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and not inner.state:
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param),
+                }
+    return _originals["state_dict"](self)
+
+
+def _distopt_load_state_dict(self, state_dict):
+    """Loading gives every parameter's state the same "step" tensor, which torch's AdamW then
+    increments once per parameter each step: give each its own copy."""
+    _originals["load_state_dict"](self, state_dict)
+    if isinstance(self.optimizer, torch.optim.Optimizer):
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _distopt_set_states(self, model_param, tensors):
+    """The resharded tensors carry no "step" (restored from the param groups), yet every key of
+    the parameter's state is copied from them: hand it the value it already holds."""
+    if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        if step is not None:
+            tensors = {**tensors, "step": step}
+    return _originals["_set_main_param_and_optimizer_states"](self, model_param, tensors)
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):

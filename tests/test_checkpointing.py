@@ -18,6 +18,7 @@ from megatron_sip.models.checkpointing import (
     read_tracker,
     save_checkpoint,
 )
+from megatron_sip.training.config import TrainingConfig
 from megatron_sip.training.lm_loss import lm_forward_step
 from megatron_sip.training.step import train_step
 
@@ -54,9 +55,21 @@ def _probe(chunks, optimizer, scheduler):
     return logits, loss_after_step
 
 
-def save_worker(root: str) -> None:
-    parallel, context = workers.setup(tp=2, pp=1)
-    chunks, _, optimizer, scheduler = workers.build_with_optimizer(parallel, context)
+def _training(distributed_optimizer: bool):
+    return TrainingConfig(
+        micro_batch_size=workers.BATCH,
+        lr=1e-2,
+        train_iters=10,
+        clip_grad=1.0,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+
+
+def save_worker(root: str, tp: int, distributed_optimizer: bool) -> None:
+    parallel, context = workers.setup(tp=tp, pp=1)
+    chunks, _, optimizer, scheduler = workers.build_with_optimizer(
+        parallel, context, _training(distributed_optimizer)
+    )
     _train(chunks, optimizer, scheduler, SAVED_ITERATION)
     save_checkpoint(f"{root}/ckpt", SAVED_ITERATION, chunks, optimizer, scheduler)
     # Each rank has its own generators (the model-parallel one differs per TP rank).
@@ -74,15 +87,17 @@ def save_worker(root: str) -> None:
     destroy_distributed()
 
 
-def load_worker(root: str, tp: int, pp: int) -> None:
+def load_worker(root: str, tp: int, pp: int, distributed_optimizer: bool, saved_tp: int) -> None:
     parallel, context = workers.setup(tp=tp, pp=pp, seed=999)  # a different seed: all must load
-    chunks, _, optimizer, scheduler = workers.build_with_optimizer(parallel, context)
+    chunks, _, optimizer, scheduler = workers.build_with_optimizer(
+        parallel, context, _training(distributed_optimizer)
+    )
     loaded = load_checkpoint(f"{root}/ckpt", chunks, optimizer, scheduler)
     expected = torch.load(f"{root}/expected.pt")
     assert loaded.iteration == SAVED_ITERATION
     assert loaded.optimizer_restored
     assert scheduler.num_steps == expected["scheduler_steps"]
-    same_layout = (tp, pp, context.world_size) == (2, 1, 2)
+    same_layout = (tp, pp, context.world_size) == (saved_tp, 1, 2)
     assert loaded.rng_restored == same_layout
     if same_layout:
         sample = workers.draw_rng_sample()
@@ -97,12 +112,21 @@ def load_worker(root: str, tp: int, pp: int) -> None:
     destroy_distributed()
 
 
-@pytest.fixture(scope="module")
-def tp2_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reshard")
-    run_ranks(save_worker, 2, str(root))
+def _save(tmp_path_factory, name, tp, distributed_optimizer):
+    root = tmp_path_factory.mktemp(name)
+    run_ranks(save_worker, 2, str(root), tp, distributed_optimizer)
     assert read_tracker(root / "ckpt") == SAVED_ITERATION
     return root
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory):
+    return _save(tmp_path_factory, "tp2", tp=2, distributed_optimizer=False)
+
+
+@pytest.fixture(scope="module")
+def dp2_distributed_optimizer_checkpoint(tmp_path_factory):
+    return _save(tmp_path_factory, "dp2-distopt", tp=1, distributed_optimizer=True)
 
 
 @pytest.mark.slow
@@ -110,7 +134,14 @@ def tp2_checkpoint(tmp_path_factory):
     "world,tp,pp", [(2, 1, 2), (1, 1, 1), (2, 2, 1)], ids=["as-pp2", "as-tp1", "as-tp2"]
 )
 def test_tp2_checkpoint_loads_at_other_layouts(tp2_checkpoint, world, tp, pp):
-    run_ranks(load_worker, world, str(tp2_checkpoint), tp, pp)
+    run_ranks(load_worker, world, str(tp2_checkpoint), tp, pp, False, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["as-dp2", "as-tp2"])
+def test_distributed_optimizer_checkpoint_reshards(dp2_distributed_optimizer_checkpoint, tp):
+    """ZeRO-1 optimizer state saved over 2 data-parallel ranks loads at DP=2 and at TP=2."""
+    run_ranks(load_worker, 2, str(dp2_distributed_optimizer_checkpoint), tp, 1, True, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ over the world (the sum of all ranks), which proves the process group works.
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,9 @@ def main(argv=None) -> None:
     context = initialize_distributed(configs.parallel, configs.platform.device)
     total = torch.tensor([float(context.rank)], device=torch_device())
     dist.all_reduce(total)
-    print(json.dumps({**context.describe(), "all_reduce_rank_sum": total.item()}), flush=True)
+    line = json.dumps({**context.describe(), "all_reduce_rank_sum": total.item()}) + "\n"
+    # One write call: lines from ranks sharing a pipe never interleave.
+    os.write(sys.stdout.fileno(), line.encode())
     destroy_distributed()
 
 

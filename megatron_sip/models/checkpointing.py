@@ -38,7 +38,7 @@ CHECKPOINT_VERSION = 1
 # Optimizer state sharded like the model parameters, so it reshards across TP/PP/DP.
 SHARDING_METADATA = {
     "singleton_local_shards": False,
-    "distrib_optim_sharding_type": "fully_sharded_model_space",
+    "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
 }
 

@@ -13,6 +13,13 @@ def build_optimizer(
     training: TrainingConfig, model_chunks: list, data_parallel_size: int
 ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     """The Megatron optimizer over DDP-wrapped chunks and its sample-based LR/WD schedule."""
+    for chunk in model_chunks:
+        if chunk.ddp_config.use_distributed_optimizer != training.use_distributed_optimizer:
+            raise ValueError(
+                "the model's DDP wrapper and the optimizer disagree on --use-distributed-optimizer:"
+                " build the model with build_model(..., use_distributed_optimizer="
+                f"{training.use_distributed_optimizer})"
+            )
     config = OptimizerConfig(
         optimizer=training.optimizer,
         lr=training.lr,
