@@ -44,3 +44,57 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     """Megatron's embedding padding: a multiple of ``divisible_by * TP``."""
     multiple = divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which indexed datasets are read and how they are split."""
+
+    data_path: Optional[list[str]] = None
+    """Indexed dataset prefixes (`.bin`/`.idx` without the suffix), optionally weighted as in
+    Megatron-LM: `--data-path PREFIX` or `--data-path 0.7 PREFIX_A 0.3 PREFIX_B`."""
+
+    split: str = "969,30,1"
+    """Train/validation/test proportions of every dataset, e.g. `98,2,0`."""
+
+    data_cache_path: Optional[str] = None
+    """Directory for the sample index caches. Default: `cache/` beside the first dataset."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self):
+        if self.data_path is not None:
+            self.blend()  # validates the weights / prefixes pairing
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(part) for part in parts]
+        except ValueError:
+            raise ConfigError(
+                "--split", f"expected numbers like 98,2,0, got {self.split!r}"
+            ) from None
+        if len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
+            raise ConfigError(
+                "--split", f"expected up to 3 non-negative numbers, got {self.split!r}"
+            )
+
+    def blend(self) -> tuple[list[str], Optional[list[float]]]:
+        """(prefixes, weights or None) as Megatron's dataset builder takes them."""
+        items = list(self.data_path or [])
+        if not items:
+            raise ConfigError("--data-path", "needs at least one dataset prefix")
+        if len(items) == 1:
+            return items, None
+        if len(items) % 2:
+            raise ConfigError(
+                "--data-path", "with several datasets give weight-prefix pairs: 0.7 A 0.3 B"
+            )
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            raise ConfigError(
+                "--data-path", "with several datasets give weight-prefix pairs: 0.7 A 0.3 B"
+            ) from None
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError("--data-path", f"weights must be non-negative, got {weights}")
+        return items[1::2], weights

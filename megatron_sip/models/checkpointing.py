@@ -65,6 +65,10 @@ class CheckpointConfig:
     no_load_rng: bool = False
     """Do not load RNG states from --load."""
 
+    finetune: bool = False
+    """Load only the weights from --load and start at iteration 0 with a fresh optimizer, LR
+    schedule and data order (continual pretraining from a base model)."""
+
     def __post_init__(self):
         require_choice("--ckpt-format", self.ckpt_format, ("torch_dist",))
         if self.save_interval is not None:

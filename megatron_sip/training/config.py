@@ -69,6 +69,16 @@ class TrainingConfig:
     log_interval: int = 100
     """Log training metrics every this many steps."""
 
+    eval_interval: int = 1000
+    """Evaluate on the validation split every this many steps (and at the end)."""
+
+    eval_iters: int = 10
+    """Validation batches per evaluation (0 disables evaluation)."""
+
+    exit_interval: Optional[int] = None
+    """Stop after the step whose number is a multiple of this (saving a checkpoint first when
+    --save is set), e.g. to end a job before its time limit."""
+
     def __post_init__(self):
         require_positive("--micro-batch-size", self.micro_batch_size)
         if self.global_batch_size is not None:
@@ -82,6 +92,11 @@ class TrainingConfig:
         if self.clip_grad < 0:
             raise ConfigError("--clip-grad", "must be >= 0 (0 disables clipping)")
         require_positive("--log-interval", self.log_interval)
+        require_positive("--eval-interval", self.eval_interval)
+        if self.eval_iters < 0:
+            raise ConfigError("--eval-iters", f"must be >= 0, got {self.eval_iters}")
+        if self.exit_interval is not None:
+            require_positive("--exit-interval", self.exit_interval)
 
     def global_batch(self, data_parallel_size: int) -> int:
         return self.global_batch_size or self.micro_batch_size * data_parallel_size
