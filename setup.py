@@ -18,6 +18,7 @@ setup(
         "numpy",
         "packaging",
         "sentencepiece",
+        "tokenizers",
         "pybind11",
         "psutil",
         "tqdm",

@@ -19,9 +19,13 @@ def parse(*flags, world_size=1):
 
 
 def test_every_field_is_a_documented_flag():
-    parser = build_parser(BASE_GROUPS)
+    from megatron_sip.data.sip_dataset import SIPDataConfig
+    from megatron_sip.pretrain import EXTRA_GROUPS
+
+    groups = {**BASE_GROUPS, **EXTRA_GROUPS, "sip_data": SIPDataConfig}
+    parser = build_parser(groups)
     help_text = parser.format_help()
-    for cls in BASE_GROUPS.values():
+    for cls in groups.values():
         docs = field_docs(cls)
         for name in cls.__dataclass_fields__:
             assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
@@ -35,7 +39,9 @@ def test_every_field_is_a_documented_flag():
         "--lr-decay-style", "--lr-warmup-iters", "--clip-grad", "--weight-decay",
         "--adam-beta1", "--adam-beta2", "--bf16", "--use-distributed-optimizer", "--seed",
         "--log-interval", "--tokenizer-type", "--tokenizer-model", "--save", "--load",
-        "--save-interval", "--ckpt-format", "--device",
+        "--save-interval", "--ckpt-format", "--device", "--data-path", "--split",
+        "--eval-interval", "--eval-iters", "--exit-interval", "--finetune", "--tensorboard-dir",
+        "--wandb-project", "--sip-suffix-len", "--sip-split-point",
     ):  # fmt: skip
         assert flag in help_text, flag
     assert "Number of key/value head groups" in help_text  # the docstring is the help

@@ -1,0 +1,148 @@
+"""Next-token pretraining on indexed datasets: the baseline SIP is compared against, and the way
+to make the base model for continual SIP. Runs under torchrun and under srun.
+
+    torchrun --nproc-per-node 2 -m megatron_sip.pretrain @examples/tiny_llama_cpu.args \\
+        --tensor-model-parallel-size 2 --data-path data/corpus_text_document --split 90,10,0 \\
+        --save ckpt --save-interval 100 --tensorboard-dir tb
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+from megatron_sip.arguments import parse_args
+from megatron_sip.data.config import DataConfig, padded_vocab_size
+from megatron_sip.data.gpt_data import batch_iterator, build_gpt_datasets, split_sample_counts
+from megatron_sip.data.tokenizers import build_tokenizer
+from megatron_sip.initialize import destroy_distributed, initialize_distributed
+from megatron_sip.log import print_rank_0, setup_logging
+from megatron_sip.models.checkpointing import load_checkpoint
+from megatron_sip.models.gpt import build_model
+from megatron_sip.platform import torch_device
+from megatron_sip.training.lm_loss import lm_forward_step
+from megatron_sip.training.loop import LoopInputs, TrainState, train
+from megatron_sip.training.metrics import LoggingConfig, MetricWriter, flops_per_token
+from megatron_sip.training.optimizer import build_optimizer
+from megatron_sip.training.step import configure_schedule
+
+EXTRA_GROUPS = {"data": DataConfig, "logging": LoggingConfig}
+
+
+def resume(checkpoint, chunks, optimizer, scheduler) -> TrainState:
+    """State to start from: --load's checkpoint (or its weights only with --finetune)."""
+    if not checkpoint.load:
+        return TrainState()
+    finetune = checkpoint.finetune
+    loaded = load_checkpoint(
+        checkpoint.load,
+        chunks,
+        optimizer,
+        scheduler,
+        load_optim=not (checkpoint.no_load_optim or finetune),
+        load_rng=not (checkpoint.no_load_rng or finetune),
+    )
+    if loaded is None:
+        print_rank_0(f"no checkpoint in {checkpoint.load}: starting from scratch")
+        return TrainState()
+    if finetune:
+        print_rank_0(f"--finetune: weights from {loaded.path}, starting at iteration 0")
+        return TrainState()
+    print_rank_0(f"resuming from {loaded.path} at iteration {loaded.iteration}")
+    return TrainState(loaded.iteration, loaded.extra.get("consumed_train_samples", 0))
+
+
+def main(argv=None) -> None:
+    configs = parse_args(argv, extra_groups=EXTRA_GROUPS, description=__doc__)
+    model_cfg, training, data = configs.model, configs.training, configs.data
+    if not data.data_path:
+        raise SystemExit("--data-path: required (an indexed dataset prefix or weighted prefixes)")
+    context = initialize_distributed(configs.parallel, configs.platform.device, training.seed)
+    setup_logging()
+    layout = context.describe()
+    # Every rank says who it is: the first thing to read when a launch misbehaves.
+    print(
+        f"rank {context.rank}/{context.world_size} ({layout['launcher']} launch, "
+        f"{socket.gethostname()}): TP rank {layout['tp_rank']} PP rank {layout['pp_rank']} "
+        f"DP rank {layout['dp_rank']}",
+        flush=True,
+    )
+
+    tokenizer = build_tokenizer(configs.tokenizer)
+    vocab_size = padded_vocab_size(
+        tokenizer.vocab_size,
+        configs.tokenizer.make_vocab_size_divisible_by,
+        configs.parallel.tensor_model_parallel_size,
+    )
+    chunks, transformer_config = build_model(
+        model_cfg,
+        configs.parallel,
+        vocab_size,
+        bf16=training.bf16,
+        use_distributed_optimizer=training.use_distributed_optimizer,
+        pg_collection=context.pg_collection,
+    )
+    optimizer, scheduler = build_optimizer(training, chunks, context.data_parallel_size)
+    configure_schedule(transformer_config, chunks, optimizer)
+    state = resume(configs.checkpoint, chunks, optimizer, scheduler)
+
+    global_batch = training.global_batch(context.data_parallel_size)
+    datasets = build_gpt_datasets(
+        data,
+        tokenizer,
+        seq_length=model_cfg.seq_length,
+        seed=training.seed,
+        num_samples=split_sample_counts(training.train_iters, training.eval_iters, global_batch),
+    )
+
+    def batches(dataset, consumed):
+        return batch_iterator(
+            dataset,
+            consumed_samples=consumed,
+            micro_batch_size=training.micro_batch_size,
+            data_parallel_rank=context.data_parallel_rank,
+            data_parallel_size=context.data_parallel_size,
+            num_workers=data.num_workers,
+            device=torch_device(),
+        )
+
+    flops = None
+    if context.device == "cuda":
+        flops = model_cfg.seq_length * flops_per_token(
+            model_cfg.num_layers,
+            model_cfg.hidden_size,
+            model_cfg.ffn_size(),
+            model_cfg.num_attention_heads,
+            model_cfg.query_groups(),
+            model_cfg.seq_length,
+            vocab_size,
+            model_cfg.swiglu,
+        )
+    inputs = LoopInputs(
+        forward_step_func=lm_forward_step,
+        model_chunks=chunks,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_batches=batches(datasets.train, state.consumed_train_samples),
+        valid_batches=(lambda: batches(datasets.valid, 0)) if datasets.valid else None,
+        seq_length=model_cfg.seq_length,
+        data_parallel_size=context.data_parallel_size,
+        flops_per_sample=flops,
+    )
+    run_config = {name: dataclasses.asdict(cfg) for name, cfg in vars(configs).items()}
+    writer = MetricWriter(configs.logging, run_config)
+    print_rank_0(
+        f"pretraining: world {context.world_size} on {context.device}, "
+        f"TP={configs.parallel.tensor_model_parallel_size} "
+        f"PP={configs.parallel.pipeline_model_parallel_size} DP={context.data_parallel_size}, "
+        f"global batch {global_batch}, from iteration {state.iteration} to {training.train_iters}"
+    )
+    try:
+        train(inputs, state, training, configs.checkpoint, writer)
+    finally:
+        writer.close()
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""A real SLURM cluster runs a batch job with two srun tasks.
+
+The ``slurm_cluster`` fixture uses a running cluster when ``sinfo`` shows a node that takes jobs;
+otherwise, in CI (``CI`` set) or with ``SIP_SLURM_START=1``, it installs and starts the one-node
+localhost cluster of ``.ci/slurm.sh`` (as root) and stops it afterwards; otherwise the tests are
+skipped. Job scripts and outputs go to pytest's ``tmp_path``: on a multi-node cluster, point
+``--basetemp`` at a filesystem the compute nodes share.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .slurm_utils import SLURM_SH, cluster_ready, job_output, submit, wait_for_job
+
+pytestmark = pytest.mark.slow
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _slurm_sh(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SLURM_SH), command], capture_output=True, text=True, timeout=600
+    )
+
+
+def _tail(proc: subprocess.CompletedProcess, lines: int = 15) -> str:
+    return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A SLURM cluster that takes jobs (see the module docstring)."""
+    if cluster_ready():
+        yield
+        return
+    if not (_in_ci() or os.environ.get("SIP_SLURM_START") == "1"):
+        pytest.skip(
+            "SLURM not running; start it with `.ci/slurm.sh start` (after `.ci/slurm.sh "
+            "install`, as root), or set SIP_SLURM_START=1 to let the tests do it"
+        )
+    install = _slurm_sh("install")
+    if install.returncode != 0:
+        message = f"`.ci/slurm.sh install` failed (exit {install.returncode}):\n{_tail(install)}"
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    start = _slurm_sh("start")
+    if start.returncode != 0:
+        _slurm_sh("stop")
+        pytest.fail(f"`.ci/slurm.sh start` failed (exit {start.returncode}):\n{_tail(start)}")
+    try:
+        yield
+    finally:
+        _slurm_sh("stop")
+
+
+TWO_TASKS = """#!/bin/bash
+#SBATCH --job-name=sip-slurm-smoke
+#SBATCH --nodes=1
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:02:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+echo "batch on $(hostname) in $PWD"
+srun --ntasks=2 --cpus-per-task=1 bash -c \\
+    'echo "task $SLURM_PROCID of $SLURM_NTASKS on $SLURMD_NODENAME: $SIP_SMOKE_GREETING"'
+"""
+
+
+def test_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
+    script = tmp_path / "two_tasks.sbatch"
+    script.write_text(TWO_TASKS)
+    job_id = submit(script, env={"SIP_SMOKE_GREETING": "hello"}, workdir=tmp_path)
+    fields = wait_for_job(job_id, timeout=120)
+    output = job_output(fields)
+    assert fields["JobState"] == "COMPLETED", (fields, output)
+    assert fields["ExitCode"] == "0:0", (fields, output)
+    assert fields["NumTasks"] == "2"
+    assert fields["StdOut"] == str(tmp_path / f"sip-slurm-smoke-{job_id}.out")
+    tasks = sorted(line for line in output.splitlines() if line.startswith("task "))
+    node = fields["NodeList"]
+    assert tasks == [f"task {rank} of 2 on {node}: hello" for rank in range(2)], output
+
+
+def test_pretrain_tiny_cpu_sbatch(slurm_cluster, tmp_path):
+    """examples/slurm/pretrain_tiny_cpu.sbatch: two srun ranks pretrain and checkpoint."""
+    from megatron_sip.models.checkpointing import read_tracker
+
+    from .pretrain_utils import ROOT, preprocess, write_counting_corpus
+
+    write_counting_corpus(tmp_path / "corpus.jsonl")
+    data_path = preprocess(tmp_path / "corpus.jsonl", tmp_path / "corpus")
+    ckpt, tensorboard = tmp_path / "ckpt", tmp_path / "tb"
+    job_id = submit(
+        ROOT / "examples" / "slurm" / "pretrain_tiny_cpu.sbatch",
+        env={
+            "REPO": str(ROOT),
+            "PYTHON": sys.executable,
+            "DATA_PATH": data_path,
+            "CKPT_DIR": str(ckpt),
+            "TB_DIR": str(tensorboard),
+            "TRAIN_ITERS": "10",
+        },
+        workdir=tmp_path,
+    )
+    fields = wait_for_job(job_id, timeout=300)
+    output = job_output(fields)
+    assert fields["JobState"] == "COMPLETED", output[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}/2 (slurm launch" in output, output[-4000:]
+    assert "TP=2 PP=1 DP=1" in output
+    assert "iteration     10/10" in output
+    assert "validation at iteration 10" in output
+    assert read_tracker(ckpt) == 10
+    assert any(tensorboard.iterdir())

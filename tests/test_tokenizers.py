@@ -1,0 +1,174 @@
+"""Tokenizers: SentencePiece (trained here with tools/train_tokenizer.py), Hugging Face
+tokenizer.json (trained here with the `tokenizers` library), NullTokenizer; errors name the path
+and the flag."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+
+from megatron_sip.data.config import TokenizerConfig
+from megatron_sip.data.tokenizers import (
+    HuggingFaceTokenizer,
+    NullTokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+)
+from megatron_sip.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the a quick brown fox jumps over lazy dog cat runs far away from home. Megatron trains "
+    "large language models on many GPUs, and the judge scores each rollout!"
+).split()
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "Megatron trains models, and the judge scores each rollout!",
+    "a cat runs far away from home",
+]
+
+
+def corpus_lines(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))})
+        for _ in range(n)
+    ]
+
+
+def train_sentencepiece(
+    directory: Path, vocab_size: int = 120, lines=None
+) -> subprocess.CompletedProcess:
+    corpus = directory / "corpus.jsonl"
+    corpus.write_text("\n".join(lines or corpus_lines(300)) + "\n")
+    command = [
+        sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(corpus),
+        "--json-keys", "text", "--vocab-size", str(vocab_size),
+        "--output-prefix", str(directory / "sp"),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("sp")
+    result = train_sentencepiece(directory)
+    assert result.returncode == 0, result.stderr
+    assert (directory / "sp.vocab").is_file()
+    return directory / "sp.model"
+
+
+def hf_tokenizer_json(path: Path, special_tokens=("</s>", "<pad>", "<s>")) -> Path:
+    """A byte-level BPE tokenizer trained on a few sentences (round-trips any text exactly)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([json.loads(line)["text"] for line in corpus_lines(50)], trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def test_sentencepiece_round_trip(sp_model):
+    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", str(sp_model)))
+    assert isinstance(tokenizer, SentencePieceTokenizer)
+    assert isinstance(tokenizer, MegatronLegacyTokenizer)
+    assert tokenizer.vocab_size == 120
+    for text in TEXTS:
+        ids = tokenizer.tokenize(text)
+        assert ids and all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.detokenize(ids) == text
+    # tools/train_tokenizer.py fixes the special ids: <unk>=0, <s>=1, </s>=2 (EOD), <pad>=3.
+    assert (tokenizer.eod, tokenizer.bos, tokenizer.pad) == (2, 1, 3)
+    assert tokenizer.inv_vocab[tokenizer.eod] == "</s>" and tokenizer.vocab["</s>"] == 2
+    assert len(tokenizer.vocab) == tokenizer.vocab_size
+    assert tokenizer.eod not in tokenizer.tokenize(" ".join(TEXTS))  # tokenize adds no EOS
+
+
+def test_sentencepiece_from_directory(sp_model, tmp_path):
+    shutil.copy(sp_model, tmp_path / "tokenizer.model")
+    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", str(tmp_path)))
+    assert tokenizer.tokenize(TEXTS[0]) == SentencePieceTokenizer(str(sp_model)).tokenize(TEXTS[0])
+
+
+def test_train_tokenizer_bad_line_names_file_and_line(tmp_path):
+    lines = corpus_lines(20)
+    lines[6] = '{"text": "unterminated'
+    result = train_sentencepiece(tmp_path, lines=lines)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'corpus.jsonl'}:7: malformed JSON" in result.stderr
+    assert not list(tmp_path.glob("sp*")) and not list(tmp_path.glob(".train_tokenizer*"))
+
+
+@pytest.mark.parametrize("from_directory", [False, True])
+def test_huggingface_round_trip(tmp_path, from_directory):
+    path = hf_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    config = TokenizerConfig("HuggingFaceTokenizer", str(path.parent if from_directory else path))
+    tokenizer = build_tokenizer(config)
+    assert isinstance(tokenizer, HuggingFaceTokenizer)
+    assert isinstance(tokenizer, MegatronLegacyTokenizer)
+    for text in [*TEXTS, "  spaces,\ttabs\nand ünïcode ✓"]:
+        ids = tokenizer.tokenize(text)
+        assert ids and all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.detokenize(ids) == text
+    assert tokenizer.eod == tokenizer.vocab["</s>"] == 0
+    assert (tokenizer.pad, tokenizer.bos) == (tokenizer.vocab["<pad>"], tokenizer.vocab["<s>"])
+    assert tokenizer.inv_vocab[tokenizer.eod] == "</s>"
+    assert tokenizer.vocab_size == len(tokenizer.vocab)
+    assert tokenizer.detokenize([*tokenizer.tokenize("dog"), tokenizer.eod]) == "dog</s>"
+
+
+def test_huggingface_without_end_token_names_the_file(tmp_path):
+    path = hf_tokenizer_json(tmp_path / "tokenizer.json", special_tokens=("<pad>",))
+    with pytest.raises(ConfigError, match="no end-of-text token") as error:
+        build_tokenizer(TokenizerConfig("HuggingFaceTokenizer", str(path)))
+    assert str(path) in str(error.value) and error.value.flag == "--tokenizer-model"
+
+
+def test_null_tokenizer():
+    tokenizer = build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=100))
+    assert isinstance(tokenizer, NullTokenizer)
+    assert isinstance(tokenizer, MegatronLegacyTokenizer)
+    assert tokenizer.tokenize("5 17  3\n42\t0") == [5, 17, 3, 42, 0]
+    assert tokenizer.detokenize([5, 17, 3]) == "5 17 3"
+    assert tokenizer.tokenize("") == []
+    # vocab_size is --vocab-size itself; EOD is its last id.
+    assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, tokenizer.bos) == (100, 99, -1, -1)
+    assert tokenizer.vocab["42"] == 42 and tokenizer.inv_vocab[99] == "99"
+    with pytest.raises(ValueError, match="outside"):
+        tokenizer.tokenize("1 100")
+    with pytest.raises(ValueError, match="integers"):
+        tokenizer.tokenize("1 two")
+
+
+@pytest.mark.parametrize("tokenizer_type", ["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+def test_missing_file_names_path_and_flag(tmp_path, tokenizer_type):
+    missing = tmp_path / "nowhere" / "tokenizer.model"
+    with pytest.raises(ConfigError) as error:
+        build_tokenizer(TokenizerConfig(tokenizer_type, str(missing)))
+    assert str(missing) in str(error.value)
+    assert str(error.value).startswith("--tokenizer-model: ")
+
+
+@pytest.mark.parametrize("tokenizer_type", ["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+def test_unreadable_file_names_path_and_flag(tmp_path, tokenizer_type):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00not a tokenizer\xff" * 10)
+    with pytest.raises(ConfigError) as error:
+        build_tokenizer(TokenizerConfig(tokenizer_type, str(garbage)))
+    assert str(garbage) in str(error.value) and error.value.flag == "--tokenizer-model"
