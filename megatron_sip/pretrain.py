@@ -12,19 +12,17 @@ import dataclasses
 import socket
 
 from megatron_sip.arguments import parse_args
-from megatron_sip.data.config import DataConfig, padded_vocab_size
+from megatron_sip.data.config import DataConfig
 from megatron_sip.data.gpt_data import batch_iterator, build_gpt_datasets, split_sample_counts
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.models.checkpointing import load_checkpoint
-from megatron_sip.models.gpt import build_model
 from megatron_sip.platform import torch_device
 from megatron_sip.training.lm_loss import lm_forward_step
 from megatron_sip.training.loop import LoopInputs, TrainState, train
 from megatron_sip.training.metrics import LoggingConfig, MetricWriter, flops_per_token
-from megatron_sip.training.optimizer import build_optimizer
-from megatron_sip.training.step import configure_schedule
+from megatron_sip.training.setup import setup_model_and_optimizer
 
 EXTRA_GROUPS = {"data": DataConfig, "logging": LoggingConfig}
 
@@ -69,22 +67,10 @@ def main(argv=None) -> None:
     )
 
     tokenizer = build_tokenizer(configs.tokenizer)
-    vocab_size = padded_vocab_size(
-        tokenizer.vocab_size,
-        configs.tokenizer.make_vocab_size_divisible_by,
-        configs.parallel.tensor_model_parallel_size,
+    job = setup_model_and_optimizer(
+        model_cfg, configs.parallel, training, configs.tokenizer, tokenizer.vocab_size, context
     )
-    chunks, transformer_config = build_model(
-        model_cfg,
-        configs.parallel,
-        vocab_size,
-        bf16=training.bf16,
-        use_distributed_optimizer=training.use_distributed_optimizer,
-        pg_collection=context.pg_collection,
-    )
-    optimizer, scheduler = build_optimizer(training, chunks, context.data_parallel_size)
-    configure_schedule(transformer_config, chunks, optimizer)
-    state = resume(configs.checkpoint, chunks, optimizer, scheduler)
+    state = resume(configs.checkpoint, job.model_chunks, job.optimizer, job.scheduler)
 
     global_batch = training.global_batch(context.data_parallel_size)
     datasets = build_gpt_datasets(
@@ -115,14 +101,14 @@ def main(argv=None) -> None:
             model_cfg.num_attention_heads,
             model_cfg.query_groups(),
             model_cfg.seq_length,
-            vocab_size,
+            job.vocab_size,
             model_cfg.swiglu,
         )
     inputs = LoopInputs(
         forward_step_func=lm_forward_step,
-        model_chunks=chunks,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        model_chunks=job.model_chunks,
+        optimizer=job.optimizer,
+        scheduler=job.scheduler,
         train_batches=batches(datasets.train, state.consumed_train_samples),
         valid_batches=(lambda: batches(datasets.valid, 0)) if datasets.valid else None,
         seq_length=model_cfg.seq_length,

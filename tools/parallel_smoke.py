@@ -18,15 +18,13 @@ import time
 import torch
 
 from megatron_sip.arguments import parse_args
-from megatron_sip.data.config import padded_vocab_size
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.models.checkpointing import load_checkpoint, save_checkpoint
-from megatron_sip.models.gpt import build_model
 from megatron_sip.platform import torch_device
 from megatron_sip.training.lm_loss import lm_forward_step
-from megatron_sip.training.optimizer import build_optimizer
-from megatron_sip.training.step import configure_schedule, train_step
+from megatron_sip.training.setup import setup_model_and_optimizer
+from megatron_sip.training.step import train_step
 
 
 def synthetic_batch(batch_size: int, seq_length: int, vocab_size: int, seed: int) -> dict:
@@ -53,23 +51,17 @@ def main(argv=None) -> None:
         f"world {context.world_size} on {context.device} ({layout['backend']}): "
         f"TP={layout['tp_size']} PP={layout['pp_size']} DP={layout['dp_size']}"
     )
-    vocab = padded_vocab_size(
-        configs.tokenizer.vocab_size,
-        configs.tokenizer.make_vocab_size_divisible_by,
-        configs.parallel.tensor_model_parallel_size,
-    )
-    chunks, config = build_model(
+    job = setup_model_and_optimizer(
         model_cfg,
         configs.parallel,
-        vocab,
-        bf16=training.bf16,
-        use_distributed_optimizer=training.use_distributed_optimizer,
-        pg_collection=context.pg_collection,
+        training,
+        configs.tokenizer,
+        configs.tokenizer.vocab_size,
+        context,
     )
+    chunks, optimizer, scheduler = job.model_chunks, job.optimizer, job.scheduler
     local_params = sum(p.numel() for p in chunks[0].parameters())
     print_rank_0(f"model: {model_cfg.num_layers} layers, {local_params:,} parameters on rank 0")
-    optimizer, scheduler = build_optimizer(training, chunks, context.data_parallel_size)
-    configure_schedule(config, chunks, optimizer)
 
     ckpt = configs.checkpoint
     save_root = ckpt.save
