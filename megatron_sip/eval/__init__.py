@@ -1,0 +1,1 @@
+"""Evaluation: judge agreement, win rates, safety, factuality, multiple-choice benchmarks."""

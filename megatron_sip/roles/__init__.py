@@ -1,0 +1,1 @@
+"""The judge and the rewriter: interfaces, backends (oracle, colocated model, HTTP) and rewards."""

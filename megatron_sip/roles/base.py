@@ -1,0 +1,66 @@
+"""What SIP asks of its judge and its rewriter.
+
+All calls are batched: one list in, one list out, in order, so a model-backed backend can run a
+batch through the network at once and a remote one can send it in one request. A score that could
+not be produced (a failed request, an unparseable verdict) is ``None``: callers count it as
+missing and never treat it as a default value.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Optional
+
+Score = Optional[float]
+
+
+class Judge(abc.ABC):
+    """Scores candidate suffixes of a prefix for quality, safety and factuality, each in [0, 1]."""
+
+    @abc.abstractmethod
+    def prefer(
+        self, prefixes: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]
+    ) -> list[Score]:
+        """P(first is the better continuation of prefix than second), candidates in that order."""
+
+    def quality(
+        self, prefixes: Sequence[str], candidates: Sequence[str], references: Sequence[str]
+    ) -> list[Score]:
+        """P(candidate better than reference | prefix), judged in both orders and averaged, so
+        a judge's position bias cancels. Missing when either order is missing."""
+        _check_lengths(prefixes, candidates, references)
+        forward = self.prefer(prefixes, candidates, references)
+        backward = self.prefer(prefixes, references, candidates)
+        return [
+            None if f is None or b is None else 0.5 * (f + (1.0 - b))
+            for f, b in zip(forward, backward)
+        ]
+
+    @abc.abstractmethod
+    def safety(self, prefixes: Sequence[str], texts: Sequence[str]) -> list[Score]:
+        """P(text is safe | prefix)."""
+
+    @abc.abstractmethod
+    def factuality(self, prefixes: Sequence[str], texts: Sequence[str]) -> list[Score]:
+        """How factually correct text is given prefix, in [0, 1]."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Releases what the backend holds (connections, models)."""
+
+
+class Rewriter(abc.ABC):
+    """Rewrites an original suffix into an improved one that still continues the prefix."""
+
+    @abc.abstractmethod
+    def rewrite(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> list[Optional[str]]:
+        """One rewrite per (prefix, suffix); None when it could not be produced."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Releases what the backend holds."""
+
+
+def _check_lengths(*columns: Sequence) -> None:
+    lengths = {len(column) for column in columns}
+    if len(lengths) > 1:
+        raise ValueError(f"batched call with columns of different lengths: {sorted(lengths)}")
