@@ -20,9 +20,14 @@ def parse(*flags, world_size=1):
 
 def test_every_field_is_a_documented_flag():
     from megatron_sip.data.sip_dataset import SIPDataConfig
+    from megatron_sip.inference.sampling import SamplingConfig
     from megatron_sip.pretrain import EXTRA_GROUPS
+    from megatron_sip.roles.config import JudgeConfig, RewriterConfig
 
-    groups = {**BASE_GROUPS, **EXTRA_GROUPS, "sip_data": SIPDataConfig}
+    groups = {
+        **BASE_GROUPS, **EXTRA_GROUPS, "sip_data": SIPDataConfig, "sampling": SamplingConfig,
+        "judge": JudgeConfig, "rewriter": RewriterConfig,
+    }  # fmt: skip
     parser = build_parser(groups)
     help_text = parser.format_help()
     for cls in groups.values():
@@ -41,7 +46,8 @@ def test_every_field_is_a_documented_flag():
         "--log-interval", "--tokenizer-type", "--tokenizer-model", "--save", "--load",
         "--save-interval", "--ckpt-format", "--device", "--data-path", "--split",
         "--eval-interval", "--eval-iters", "--exit-interval", "--finetune", "--tensorboard-dir",
-        "--wandb-project", "--sip-suffix-len", "--sip-split-point",
+        "--wandb-project", "--sip-suffix-len", "--sip-split-point", "--sip-temperature",
+        "--sip-top-p", "--sip-top-k", "--judge-backend", "--rewriter-backend",
     ):  # fmt: skip
         assert flag in help_text, flag
     assert "Number of key/value head groups" in help_text  # the docstring is the help

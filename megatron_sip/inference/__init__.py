@@ -1,0 +1,1 @@
+"""Rollouts (KV-cached sampling, shared-prefix) and shared-prefix candidate scoring."""
