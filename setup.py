@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_sip", "megatron_sip.*"]),
+    package_data={"megatron_sip.roles": ["prompts/*.txt"]},
     install_requires=[
         # Never a bare torch: on CPU machines the Makefile installs torch==2.13.0 first and pip
         # keeps it; a bare requirement could pull a multi-GB CUDA build.

@@ -114,6 +114,12 @@ def main(argv=None) -> None:
         seq_length=model_cfg.seq_length,
         data_parallel_size=context.data_parallel_size,
         flops_per_sample=flops,
+        # The architecture and tokenizer travel with the weights, so a role (judge, rewriter)
+        # can be loaded from the checkpoint alone.
+        checkpoint_metadata={
+            "model": dataclasses.asdict(model_cfg),
+            "tokenizer": dataclasses.asdict(configs.tokenizer),
+        },
     )
     run_config = {name: dataclasses.asdict(cfg) for name, cfg in vars(configs).items()}
     writer = MetricWriter(configs.logging, run_config)

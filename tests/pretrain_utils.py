@@ -45,12 +45,17 @@ def preprocess(jsonl: Path, output_prefix: Path) -> str:
 
 def run_pretrain(nproc: int, *flags: str, timeout: int = 600) -> str:
     """Runs ``python -m megatron_sip.pretrain`` on ``nproc`` ranks; returns its output."""
+    return run_module(nproc, "megatron_sip.pretrain", TINY_ARGS, *flags, timeout=timeout)
+
+
+def run_module(nproc: int, module: str, *flags: str, timeout: int = 600) -> str:
+    """Runs ``python -m MODULE`` under torchrun on ``nproc`` ranks; returns its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["OMP_NUM_THREADS"] = "1"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "megatron_sip.pretrain", TINY_ARGS, *flags,
+        "-m", module, *flags,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="train on a random sample of this many sentences (0: all of them)",
     )
+    parser.add_argument(
+        "--user-defined-symbols",
+        nargs="+",
+        default=[],
+        metavar="SYMBOL",
+        help="strings that always become single tokens (e.g. judge verdicts: [[A]] [[B]])",
+    )
     return parser
 
 
@@ -129,6 +136,7 @@ def train(args: argparse.Namespace) -> None:
                 character_coverage=args.character_coverage,
                 byte_fallback=args.byte_fallback,
                 input_sentence_size=args.input_sentence_size,
+                user_defined_symbols=args.user_defined_symbols or [],
                 shuffle_input_sentence=True,
                 num_threads=os.cpu_count() or 1,
                 minloglevel=1,

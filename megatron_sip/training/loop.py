@@ -48,6 +48,7 @@ class LoopInputs:
     seq_length: int
     data_parallel_size: int
     flops_per_sample: Optional[float] = None  # reported as TFLOP/s per GPU when set
+    checkpoint_metadata: Optional[dict] = None  # saved with every checkpoint (e.g. model args)
 
 
 def evaluate(inputs: LoopInputs, training: TrainingConfig) -> dict[str, float]:
@@ -101,7 +102,7 @@ def train(
                 inputs.model_chunks,
                 inputs.optimizer,
                 inputs.scheduler,
-                extra_common=state.as_checkpoint_extra(),
+                extra_common={**(inputs.checkpoint_metadata or {}), **state.as_checkpoint_extra()},
             )
             saved_at = state.iteration
 

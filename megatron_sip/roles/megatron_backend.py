@@ -1,0 +1,242 @@
+"""Colocated judge and rewriter: Megatron GPT checkpoints on the policy's ranks and topology.
+
+A role model is built once, in inference mode, from a checkpoint whose saved model and tokenizer
+settings (written by ``megatron_sip.pretrain``) describe it; flags can override them. It shares the
+policy's tensor/pipeline-parallel groups. The judge reads its verdict from the probabilities of two
+fixed verdict tokens at the answer position, in one forward pass over a batch of prompts; the
+rewriter generates with the rollout engine (greedy by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_sip.data.config import TokenizerConfig, padded_vocab_size
+from megatron_sip.data.tokenizers import build_tokenizer
+from megatron_sip.inference.generation import generate
+from megatron_sip.inference.pipeline import broadcast_from_last_stage, pipeline_forward
+from megatron_sip.inference.sampling import SamplingConfig
+from megatron_sip.initialize import ParallelConfig
+from megatron_sip.models.checkpointing import checkpoint_dir, load_checkpoint, read_tracker
+from megatron_sip.models.config import ModelConfig
+from megatron_sip.models.gpt import build_gpt_model, transformer_config
+from megatron_sip.platform import torch_device
+from megatron_sip.roles.base import Judge, Rewriter, Score, _check_lengths
+from megatron_sip.roles.prompts import PromptSet, Template, verdict_token_id
+
+logger = logging.getLogger(__name__)
+
+
+def saved_settings(load_dir: str) -> dict:
+    """The model/tokenizer settings stored with the newest checkpoint under ``load_dir``."""
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(f"{load_dir}: no checkpoint (no latest_checkpointed_iteration.txt)")
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load_dir, iteration)))
+    return common.get("extra", {})
+
+
+class RoleModel:
+    """A frozen Megatron GPT model for inference, with its tokenizer."""
+
+    def __init__(
+        self,
+        load_dir: str,
+        parallel: ParallelConfig,
+        model: Optional[ModelConfig] = None,
+        tokenizer: Optional[TokenizerConfig] = None,
+    ):
+        saved = saved_settings(load_dir)
+        if model is None:
+            if "model" not in saved:
+                raise ValueError(
+                    f"{load_dir}: the checkpoint stores no model settings; pass the role's "
+                    "model-shape flags"
+                )
+            model = ModelConfig(**saved["model"])
+        if tokenizer is None:
+            if "tokenizer" not in saved:
+                raise ValueError(f"{load_dir}: the checkpoint stores no tokenizer settings")
+            tokenizer = TokenizerConfig(**saved["tokenizer"])
+        self.load_dir = load_dir
+        self.model_config = model
+        self.tokenizer = build_tokenizer(tokenizer)
+        self.vocab_size = padded_vocab_size(
+            self.tokenizer.vocab_size,
+            tokenizer.make_vocab_size_divisible_by,
+            parallel.tensor_model_parallel_size,
+        )
+        config = transformer_config(model, parallel)
+        self.module = build_gpt_model(model, config, self.vocab_size)
+        load_checkpoint(load_dir, [self.module], load_optim=False, load_rng=False)
+        self.module.eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        self.device = torch_device()
+
+    def token_id(self, text: str) -> int:
+        """The id of a verdict string, which must be a single token of the role's tokenizer."""
+        try:
+            return verdict_token_id(self.tokenizer, text)
+        except ValueError as error:
+            raise ValueError(f"{self.load_dir}: {error}") from None
+
+    def encode(self, text: str, limit: Optional[int] = None) -> list[int]:
+        """Token ids, keeping the last ``limit`` (the answer position is at the end)."""
+        limit = limit or self.model_config.seq_length
+        return self.tokenizer.tokenize(text)[-limit:]
+
+    @torch.no_grad()
+    def next_token_log_probs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Log-softmax over the vocabulary after each prompt's last token, ``[B, V]``, on
+        every rank. Prompts are right-padded, which causal attention makes exact."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.as_tensor(prompt, device=self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        logits = pipeline_forward(self.module, tokens, positions, runtime_gather_output=True)
+        out = torch.zeros(len(prompts), self.vocab_size, device=self.device)
+        if logits is not None:
+            last = logits[torch.arange(len(prompts), device=self.device), lengths - 1].float()
+            last[:, self.tokenizer.vocab_size :] = float("-inf")
+            out = torch.log_softmax(last, dim=-1)
+        return broadcast_from_last_stage(out.contiguous())
+
+    def offload(self) -> None:
+        """Moves the weights to CPU memory while the role is idle (GPU only)."""
+        if self.device.type == "cuda":
+            self.module.to("cpu")
+
+    def onload(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to(self.device)
+
+
+def verdict_probability(log_probs: torch.Tensor, positive: int, negative: int) -> torch.Tensor:
+    """P(positive verdict), renormalised over the two verdict tokens."""
+    pair = torch.stack([log_probs[:, positive], log_probs[:, negative]], dim=-1)
+    return torch.softmax(pair, dim=-1)[:, 0]
+
+
+class MegatronJudge(Judge):
+    def __init__(
+        self,
+        role: RoleModel,
+        prompts: PromptSet,
+        *,
+        max_prefix_chars: int = 2000,
+        micro_batch_size: int = 8,
+        offload: bool = False,
+    ):
+        self.role = role
+        self.prompts = prompts
+        self.max_prefix_chars = max_prefix_chars
+        self.micro_batch_size = micro_batch_size
+        self.offload = offload
+        self.identity = f"megatron:{role.load_dir}:{prompts.fingerprint()}"
+        # Fail at start-up, not mid-training, when a verdict string is not one token.
+        self.verdict_ids = {
+            name: tuple(role.token_id(v) for v in prompts[name].verdicts)
+            for name in ("quality", "safety", "factuality")
+            if name in prompts.templates
+        }
+
+    def render(self, name: str, **fields: str) -> str:
+        return self.prompts[name].render(self.max_prefix_chars, **fields)
+
+    def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
+        """P(positive verdict) for rendered prompts, batched."""
+        positive, negative = self.verdict_ids[name]
+        if self.offload:
+            self.role.onload()
+        scores: list[Score] = []
+        for start in range(0, len(prompts), self.micro_batch_size):
+            batch = [self.role.encode(p) for p in prompts[start : start + self.micro_batch_size]]
+            log_probs = self.role.next_token_log_probs(batch)
+            scores += verdict_probability(log_probs, positive, negative).tolist()
+        if self.offload:
+            self.role.offload()
+        return scores
+
+    def prefer(self, prefixes, firsts, seconds) -> list[Score]:
+        _check_lengths(prefixes, firsts, seconds)
+        return self.verdicts(
+            "quality",
+            [
+                self.render("quality", prefix=p, a=a, b=b)
+                for p, a, b in zip(prefixes, firsts, seconds)
+            ],
+        )
+
+    def safety(self, prefixes, texts) -> list[Score]:
+        _check_lengths(prefixes, texts)
+        return self.verdicts(
+            "safety",
+            [self.render("safety", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
+        )
+
+    def factuality(self, prefixes, texts) -> list[Score]:
+        _check_lengths(prefixes, texts)
+        return self.verdicts(
+            "factuality",
+            [self.render("factuality", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
+        )
+
+
+class MegatronRewriter(Rewriter):
+    def __init__(
+        self,
+        role: RoleModel,
+        prompts: PromptSet,
+        *,
+        max_tokens: int = 128,
+        max_prefix_chars: int = 2000,
+        sampling: Optional[SamplingConfig] = None,
+        seed: int = 0,
+        offload: bool = False,
+    ):
+        self.role = role
+        self.template: Template = prompts["rewrite"]
+        self.max_tokens = max_tokens
+        self.max_prefix_chars = max_prefix_chars
+        self.sampling = sampling or SamplingConfig(sip_temperature=0.0)
+        self.seed = seed
+        self.offload = offload
+
+    def rewrite(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> list[Optional[str]]:
+        _check_lengths(prefixes, suffixes)
+        if not prefixes:
+            return []
+        limit = self.role.model_config.seq_length - self.max_tokens
+        prompts = [
+            self.role.encode(self.template.render(self.max_prefix_chars, prefix=p, suffix=s), limit)
+            for p, s in zip(prefixes, suffixes)
+        ]
+        if self.offload:
+            self.role.onload()
+        rollouts = generate(
+            self.role.module,
+            prompts,
+            num_samples=1,
+            num_tokens=self.max_tokens,
+            sampling=self.sampling,
+            seed=self.seed,
+            eod=self.role.tokenizer.eod,
+            vocab_size=self.role.tokenizer.vocab_size,
+        )
+        if self.offload:
+            self.role.offload()
+        texts = []
+        for tokens in rollouts.as_candidates():
+            ids = [t for t in tokens[0] if t != self.role.tokenizer.eod]
+            text = self.role.tokenizer.detokenize(ids)
+            if self.template.stop and self.template.stop in text:
+                text = text.split(self.template.stop)[0]
+            texts.append(text.strip())
+        return texts
