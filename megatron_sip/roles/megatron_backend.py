@@ -26,8 +26,8 @@ from megatron_sip.models.checkpointing import checkpoint_dir, load_checkpoint, r
 from megatron_sip.models.config import ModelConfig
 from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
-from megatron_sip.roles.base import Judge, Rewriter, Score, _check_lengths
-from megatron_sip.roles.prompts import PromptSet, Template, verdict_token_id
+from megatron_sip.roles.base import Rewriter, Score, _check_lengths
+from megatron_sip.roles.prompts import PromptedJudge, PromptSet, Template, verdict_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def verdict_probability(log_probs: torch.Tensor, positive: int, negative: int) -
     return torch.softmax(pair, dim=-1)[:, 0]
 
 
-class MegatronJudge(Judge):
+class MegatronJudge(PromptedJudge):
     def __init__(
         self,
         role: RoleModel,
@@ -134,9 +134,8 @@ class MegatronJudge(Judge):
         micro_batch_size: int = 8,
         offload: bool = False,
     ):
+        super().__init__(prompts, max_prefix_chars)
         self.role = role
-        self.prompts = prompts
-        self.max_prefix_chars = max_prefix_chars
         self.micro_batch_size = micro_batch_size
         self.offload = offload
         self.identity = f"megatron:{role.load_dir}:{prompts.fingerprint()}"
@@ -146,9 +145,6 @@ class MegatronJudge(Judge):
             for name in ("quality", "safety", "factuality")
             if name in prompts.templates
         }
-
-    def render(self, name: str, **fields: str) -> str:
-        return self.prompts[name].render(self.max_prefix_chars, **fields)
 
     def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
         """P(positive verdict) for rendered prompts, batched."""
@@ -163,30 +159,6 @@ class MegatronJudge(Judge):
         if self.offload:
             self.role.offload()
         return scores
-
-    def prefer(self, prefixes, firsts, seconds) -> list[Score]:
-        _check_lengths(prefixes, firsts, seconds)
-        return self.verdicts(
-            "quality",
-            [
-                self.render("quality", prefix=p, a=a, b=b)
-                for p, a, b in zip(prefixes, firsts, seconds)
-            ],
-        )
-
-    def safety(self, prefixes, texts) -> list[Score]:
-        _check_lengths(prefixes, texts)
-        return self.verdicts(
-            "safety",
-            [self.render("safety", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
-        )
-
-    def factuality(self, prefixes, texts) -> list[Score]:
-        _check_lengths(prefixes, texts)
-        return self.verdicts(
-            "factuality",
-            [self.render("factuality", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
-        )
 
 
 class MegatronRewriter(Rewriter):

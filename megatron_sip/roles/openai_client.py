@@ -41,7 +41,7 @@ from megatron_sip.roles.config import (
     JudgeConfig,
     RewriterConfig,
 )
-from megatron_sip.roles.prompts import PromptSet, Template
+from megatron_sip.roles.prompts import PromptedJudge, PromptSet, Template
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _logsumexp(values: Sequence[float]) -> float:
 # -- roles ------------------------------------------------------------------------------------
 
 
-class OpenAIJudge(Judge):
+class OpenAIJudge(PromptedJudge):
     """The judge on an OpenAI-compatible server, with the colocated judge's prompts."""
 
     def __init__(
@@ -325,14 +325,10 @@ class OpenAIJudge(Judge):
         max_prefix_chars: int = 2000,
         top_logprobs: int = JUDGE_TOP_LOGPROBS,
     ):
+        super().__init__(prompts, max_prefix_chars)
         self.client = client
-        self.prompts = prompts
-        self.max_prefix_chars = max_prefix_chars
         self.top_logprobs = top_logprobs
         self.identity = f"openai:{client.base_url}:{client.model}:{prompts.fingerprint()}"
-
-    def render(self, name: str, **fields: str) -> str:
-        return self.prompts[name].render(self.max_prefix_chars, **fields)
 
     def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
         """P(positive verdict) for rendered prompts; None where the server failed."""
@@ -343,30 +339,6 @@ class OpenAIJudge(Judge):
             prompts, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs
         )
         return [verdict_from_choice(choice, template.verdicts) for choice in choices]
-
-    def prefer(self, prefixes, firsts, seconds) -> list[Score]:
-        _check_lengths(prefixes, firsts, seconds)
-        return self.verdicts(
-            "quality",
-            [
-                self.render("quality", prefix=p, a=a, b=b)
-                for p, a, b in zip(prefixes, firsts, seconds)
-            ],
-        )
-
-    def safety(self, prefixes, texts) -> list[Score]:
-        _check_lengths(prefixes, texts)
-        return self.verdicts(
-            "safety",
-            [self.render("safety", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
-        )
-
-    def factuality(self, prefixes, texts) -> list[Score]:
-        _check_lengths(prefixes, texts)
-        return self.verdicts(
-            "factuality",
-            [self.render("factuality", prefix=p, candidate=t) for p, t in zip(prefixes, texts)],
-        )
 
     def close(self) -> None:
         self.client.close()

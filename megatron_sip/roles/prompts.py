@@ -10,12 +10,16 @@ answer position (the verdict is the very next token).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Optional
+
+from megatron_sip.roles.base import Judge, Score, _check_lengths
 
 TEMPLATE_FILES = {
     "quality": "quality.txt",
@@ -114,3 +118,38 @@ def verdict_token_id(tokenizer, verdict: str) -> int:
             "be single tokens (train the tokenizer with them as user-defined symbols)"
         )
     return ids[0]
+
+
+class PromptedJudge(Judge):
+    """A judge that renders the templates and reads a verdict probability per prompt; backends
+    (colocated model, HTTP server) only implement ``verdicts``."""
+
+    def __init__(self, prompts: PromptSet, max_prefix_chars: int):
+        self.prompts = prompts
+        self.max_prefix_chars = max_prefix_chars
+
+    @abc.abstractmethod
+    def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
+        """P(positive verdict of template ``name``) for rendered prompts; None where missing."""
+
+    def render(self, name: str, **fields: str) -> str:
+        return self.prompts[name].render(self.max_prefix_chars, **fields)
+
+    def prefer(self, prefixes, firsts, seconds) -> list[Score]:
+        _check_lengths(prefixes, firsts, seconds)
+        rendered = [
+            self.render("quality", prefix=p, a=a, b=b) for p, a, b in zip(prefixes, firsts, seconds)
+        ]
+        return self.verdicts("quality", rendered)
+
+    def safety(self, prefixes, texts) -> list[Score]:
+        _check_lengths(prefixes, texts)
+        rendered = [self.render("safety", prefix=p, candidate=t) for p, t in zip(prefixes, texts)]
+        return self.verdicts("safety", rendered)
+
+    def factuality(self, prefixes, texts) -> list[Score]:
+        _check_lengths(prefixes, texts)
+        rendered = [
+            self.render("factuality", prefix=p, candidate=t) for p, t in zip(prefixes, texts)
+        ]
+        return self.verdicts("factuality", rendered)
