@@ -164,3 +164,41 @@ def test_candidates_cannot_close_tags_or_write_verdicts():
     body = prompt.split("<candidate>\n", 1)[1].split("\n</candidate>", 1)[0]
     assert "[[SAFE]]" not in body and "</candidate>" not in body and "<prefix>" not in body
     assert prompt.endswith("Answer:")
+
+
+def model_args_worker(checkpoint: str, args_file: str, bare: str) -> None:
+    from megatron_sip.models.checkpointing import save_checkpoint
+    from megatron_sip.roles.megatron_backend import RoleModel
+
+    parallel, _ = workers.setup()
+    texts, prefixes = ["A calm sentence about rivers."] * 2, ["Text.", "More text."]
+    saved = build_judge(
+        JudgeConfig(judge_backend="megatron", judge_load=checkpoint), parallel=parallel
+    )
+    from_flags = build_judge(
+        JudgeConfig(judge_backend="megatron", judge_load=checkpoint, judge_model_args=args_file),
+        parallel=parallel,
+    )
+    assert saved.safety(prefixes, texts) == from_flags.safety(prefixes, texts)
+    # A checkpoint without saved settings needs the flags file, and says so.
+    save_checkpoint(bare, 0, [saved.role.module])
+    with pytest.raises(ValueError, match="stores no model settings"):
+        RoleModel(bare, parallel)
+    bare_judge = build_judge(
+        JudgeConfig(judge_backend="megatron", judge_load=bare, judge_model_args=args_file),
+        parallel=parallel,
+    )
+    assert bare_judge.safety(prefixes, texts) == saved.safety(prefixes, texts)
+    destroy_distributed()
+
+
+def test_role_model_shape_from_a_flags_file(judge_assets):
+    from .judge_utils import JUDGE_ARGS
+
+    root, _, checkpoint = judge_assets
+    args_file = root / "judge_model.args"
+    args_file.write_text(
+        " ".join(JUDGE_ARGS[2:])  # without --device
+        + f" --tokenizer-type SentencePieceTokenizer --tokenizer-model {root / 'tok.model'}\n"
+    )
+    run_ranks(model_args_worker, 1, str(checkpoint), str(args_file), str(root / "bare"))

@@ -30,6 +30,10 @@ class JudgeConfig:
     """Checkpoint directory of the colocated judge (its saved model and tokenizer settings
     describe it)."""
 
+    judge_model_args: Optional[str] = None
+    """Flags file with the judge's model-shape and tokenizer flags (--num-layers ...,
+    --tokenizer-model ...), for checkpoints without saved settings or to override them."""
+
     judge_prompt_dir: Optional[str] = None
     """Directory with quality.txt, safety.txt, factuality.txt prompt templates. Default: the
     packaged ones."""
@@ -86,6 +90,10 @@ class RewriterConfig:
     rewriter_load: Optional[str] = None
     """Checkpoint directory of the colocated rewriter."""
 
+    rewriter_model_args: Optional[str] = None
+    """Flags file with the rewriter's model-shape and tokenizer flags (overrides the saved
+    settings)."""
+
     rewriter_prompt_dir: Optional[str] = None
     """Directory with a rewrite.txt prompt template. Default: the packaged one."""
 
@@ -139,7 +147,7 @@ def _megatron_judge(config: JudgeConfig, *, parallel, offload: bool = False, **c
     from megatron_sip.roles.prompts import PromptSet
 
     return MegatronJudge(
-        RoleModel(config.judge_load, parallel),
+        RoleModel(config.judge_load, parallel, model_args_file=config.judge_model_args),
         PromptSet.load(config.judge_prompt_dir),
         max_prefix_chars=config.judge_max_prefix_chars,
         micro_batch_size=config.judge_micro_batch_size,
@@ -160,7 +168,7 @@ def _megatron_rewriter(
     from megatron_sip.roles.prompts import PromptSet
 
     return MegatronRewriter(
-        RoleModel(config.rewriter_load, parallel),
+        RoleModel(config.rewriter_load, parallel, model_args_file=config.rewriter_model_args),
         PromptSet.load(config.rewriter_prompt_dir),
         max_tokens=config.rewriter_max_tokens,
         offload=offload,

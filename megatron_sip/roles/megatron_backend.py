@@ -41,6 +41,20 @@ def saved_settings(load_dir: str) -> dict:
     return common.get("extra", {})
 
 
+def model_settings_from_file(path: str) -> tuple[ModelConfig, TokenizerConfig]:
+    """Model-shape and tokenizer flags from a flags file (the role's own ``--num-layers ...``),
+    for checkpoints that store no settings, or to override them."""
+    from megatron_sip.arguments import build_parser, config_from_namespace
+
+    parser = build_parser({"model": ModelConfig, "tokenizer": TokenizerConfig})
+    namespace, unknown = parser.parse_known_args([f"@{path}"])
+    if unknown:
+        raise ValueError(f"{path}: not model or tokenizer flags: {' '.join(unknown)}")
+    return config_from_namespace(ModelConfig, namespace), config_from_namespace(
+        TokenizerConfig, namespace
+    )
+
+
 class RoleModel:
     """A frozen Megatron GPT model for inference, with its tokenizer."""
 
@@ -50,7 +64,10 @@ class RoleModel:
         parallel: ParallelConfig,
         model: Optional[ModelConfig] = None,
         tokenizer: Optional[TokenizerConfig] = None,
+        model_args_file: Optional[str] = None,
     ):
+        if model_args_file is not None:
+            model, tokenizer = model_settings_from_file(model_args_file)
         saved = saved_settings(load_dir)
         if model is None:
             if "model" not in saved:
