@@ -166,10 +166,16 @@ def _sharded_state_dict(
     include_rng: bool,
     is_loading: bool,
     extra_common: Optional[dict] = None,
+    extra_modules: Optional[dict] = None,
 ) -> dict:
     state: dict = {}
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         state[key] = unwrap_model(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+    for key, module in (extra_modules or {}).items():
+        # Other models of the same ranks (an EMA reference): their own key and tensor names.
+        state[key] = unwrap_model(module).sharded_state_dict(
+            prefix=f"{key}.", metadata=SHARDING_METADATA
+        )
     if optimizer is not None:
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
         if len(model_chunks) == 1:
@@ -222,8 +228,10 @@ def save_checkpoint(
     scheduler=None,
     *,
     extra_common: Optional[dict] = None,
+    extra_modules: Optional[dict] = None,
 ) -> Path:
-    """Saves a checkpoint of ``iteration`` under ``root`` (collective: every rank calls it)."""
+    """Saves a checkpoint of ``iteration`` under ``root`` (collective: every rank calls it).
+    ``extra_modules`` ({name: module}) are saved beside the model, e.g. an EMA reference."""
     root = Path(root)
     final_dir = checkpoint_dir(root, iteration)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
@@ -241,6 +249,7 @@ def save_checkpoint(
         include_rng=True,
         is_loading=False,
         extra_common=extra_common,
+        extra_modules=extra_modules,
     )
     dist_checkpointing.save(state, str(tmp_dir))
     _barrier()
@@ -270,6 +279,7 @@ def load_checkpoint(
     load_optim: bool = True,
     load_rng: bool = True,
     iteration: Optional[int] = None,
+    extra_modules: Optional[dict] = None,
 ) -> Optional[LoadedCheckpoint]:
     """Loads the tracker's checkpoint (or ``iteration``) into the given model/optimizer/schedule.
 
@@ -302,10 +312,15 @@ def load_checkpoint(
         iteration=iteration,
         include_rng=restore_rng,
         is_loading=True,
+        extra_modules=extra_modules,
     )
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+    for key, module in (extra_modules or {}).items():
+        prefix = f"{key}."
+        state_dict = {name[len(prefix) :]: value for name, value in loaded[key].items()}
+        unwrap_model(module).load_state_dict(state_dict, strict=True)
     if restore_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None:

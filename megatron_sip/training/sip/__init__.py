@@ -1,0 +1,1 @@
+"""Self-Improving Pretraining: candidate selection, losses and the EMA reference."""

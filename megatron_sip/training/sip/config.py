@@ -1,0 +1,63 @@
+"""The SIP step's settings (METHOD.md), one dataclass: flags --sip-*."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from megatron_sip.errors import ConfigError, require_choice, require_positive
+
+SIP_LOSSES = ("online_dpo", "rf_nll", "sft_rewrite")
+
+
+@dataclasses.dataclass
+class SIPConfig:
+    """How each prefix's candidates become a training signal."""
+
+    sip_loss: Literal["online_dpo", "rf_nll", "sft_rewrite"] = "online_dpo"
+    """online_dpo (chosen vs rejected against the EMA reference), rf_nll (NLL of the chosen
+    candidate) or sft_rewrite (NLL of the rewrite)."""
+
+    sip_num_rollouts: int = 16
+    """K: rollouts sampled from the policy per prefix."""
+
+    sip_dpo_beta: float = 0.1
+    """beta of the DPO loss."""
+
+    sip_nll_weight: float = 0.0
+    """Weight of an added NLL term on the original suffix."""
+
+    sip_curriculum: bool = False
+    """Early on choose only between original and rewrite; later let a rollout be chosen when it
+    beats the rewrite by --sip-rollout-margin."""
+
+    sip_rollout_warmup_iters: int = 0
+    """With --sip-curriculum: steps during which rollouts are never chosen."""
+
+    sip_rollout_margin: float = 0.0
+    """With --sip-curriculum: how much a rollout's reward must exceed the rewrite's."""
+
+    sip_min_reward_gap: float = 0.0
+    """Skip (and count) pairs whose chosen-rejected reward gap is below this."""
+
+    sip_ref_update_interval: int = 1
+    """Update the EMA reference every this many steps."""
+
+    sip_ref_ema_decay: float = 0.99
+    """theta_ref <- a * theta_ref + (1 - a) * theta: 1.0 freezes it, 0.0 copies the policy."""
+
+    def __post_init__(self):
+        require_choice("--sip-loss", self.sip_loss, SIP_LOSSES)
+        require_positive("--sip-num-rollouts", self.sip_num_rollouts)
+        require_positive("--sip-ref-update-interval", self.sip_ref_update_interval)
+        if not 0.0 <= self.sip_ref_ema_decay <= 1.0:
+            raise ConfigError(
+                "--sip-ref-ema-decay", f"must be in [0, 1], got {self.sip_ref_ema_decay}"
+            )
+        if self.sip_dpo_beta <= 0:
+            raise ConfigError("--sip-dpo-beta", f"must be positive, got {self.sip_dpo_beta}")
+        if self.sip_nll_weight < 0 or self.sip_min_reward_gap < 0:
+            raise ConfigError(
+                "--sip-nll-weight" if self.sip_nll_weight < 0 else "--sip-min-reward-gap",
+                "must be >= 0",
+            )
