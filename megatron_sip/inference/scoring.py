@@ -63,9 +63,11 @@ def pack_candidates(
     prefixes: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[Sequence[int]]],
     pad_id: int = 0,
+    length: int = 0,
 ) -> PackedCandidates:
     """One row per prefix: ``[prefix | c1 | ... | cC]`` (every prefix has C candidates of up to
-    N tokens; shorter candidates are masked)."""
+    N tokens; shorter candidates are masked), padded to at least ``length`` positions (the
+    pipeline schedules need one sequence length for all micro-batches of a step)."""
     if len(prefixes) != len(candidates):
         raise ValueError("one list of candidates per prefix")
     num_candidates = len(candidates[0])
@@ -73,7 +75,7 @@ def pack_candidates(
         raise ValueError("every prefix needs the same number of candidates")
     longest = max(len(c) for cands in candidates for c in cands)
     lengths = [len(p) + sum(len(c) for c in cands) for p, cands in zip(prefixes, candidates)]
-    rows, total = len(prefixes), max(lengths)
+    rows, total = len(prefixes), max(max(lengths), length)
     tokens = torch.full((rows, total), pad_id, dtype=torch.long)
     positions = torch.zeros(rows, total, dtype=torch.long)
     blocked = torch.ones(rows, 1, total, total, dtype=torch.bool)
@@ -114,6 +116,7 @@ def unpack_candidates(
     prefixes: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[Sequence[int]]],
     pad_id: int = 0,
+    length: int = 0,
 ) -> PackedCandidates:
     """The same scoring with one ``prefix + candidate`` per row (B*C rows): the reference, and
     the fallback for attention kernels without arbitrary masks."""
@@ -121,6 +124,7 @@ def unpack_candidates(
         [p for p, cands in zip(prefixes, candidates) for _ in cands],
         [[c] for cands in candidates for c in cands],
         pad_id,
+        length,
     )
     return dataclasses.replace(flat, candidate_shape=(len(prefixes), len(candidates[0])))
 
@@ -164,15 +168,22 @@ def supports_packed_scoring(model) -> bool:
     return all(isinstance(core, DotProductAttention) for core in cores)
 
 
-def layout_for(model, prefixes, candidates, pad_id: int = 0) -> PackedCandidates:
+def layout_for(model, prefixes, candidates, pad_id: int = 0, length: int = 0) -> PackedCandidates:
     """The packed layout where the model can take it, else the unpacked one (logged)."""
     if supports_packed_scoring(model):
-        return pack_candidates(prefixes, candidates, pad_id)
+        return pack_candidates(prefixes, candidates, pad_id, length)
     logger.warning(
         "the model's attention kernel cannot take the shared-prefix mask: scoring each "
         "candidate with its own copy of the prefix instead"
     )
-    return unpack_candidates(prefixes, candidates, pad_id)
+    return unpack_candidates(prefixes, candidates, pad_id, length)
+
+
+def layout_length(model, prefixes, candidates) -> int:
+    """Positions per row :func:`layout_for` needs for these candidates (before padding)."""
+    if supports_packed_scoring(model):
+        return max(len(p) + sum(len(c) for c in cands) for p, cands in zip(prefixes, candidates))
+    return max(len(p) + len(c) for p, cands in zip(prefixes, candidates) for c in cands)
 
 
 def forward_packed(model, packed: PackedCandidates, **kwargs):

@@ -69,6 +69,11 @@ class CheckpointConfig:
     """Load only the weights from --load and start at iteration 0 with a fresh optimizer, LR
     schedule and data order (continual pretraining from a base model)."""
 
+    pretrained_checkpoint: Optional[str] = None
+    """When --load holds no checkpoint, start from this checkpoint's weights only (iteration 0,
+    fresh optimizer, LR schedule and data order): continual training from a base model. A
+    checkpoint in --load (a resumed run) takes precedence."""
+
     def __post_init__(self):
         require_choice("--ckpt-format", self.ckpt_format, ("torch_dist",))
         if self.save_interval is not None:
@@ -259,6 +264,16 @@ def save_checkpoint(
         logger.info("saved checkpoint of iteration %d to %s", iteration, final_dir)
     _barrier()
     return final_dir
+
+
+def checkpoint_extra(root: str | os.PathLike) -> Optional[dict]:
+    """The ``extra_common`` saved with the tracker's checkpoint under ``root`` (None: no
+    checkpoint), read without loading any tensor."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        return None
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, iteration)))
+    return common.get("extra", {})
 
 
 @dataclasses.dataclass

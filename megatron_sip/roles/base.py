@@ -18,6 +18,10 @@ Score = Optional[float]
 class Judge(abc.ABC):
     """Scores candidate suffixes of a prefix for quality, safety and factuality, each in [0, 1]."""
 
+    collective = False
+    """True when every model-parallel rank must make the same calls together (a colocated
+    model); otherwise one rank calls and shares the scores."""
+
     @abc.abstractmethod
     def prefer(
         self, prefixes: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]
@@ -51,6 +55,9 @@ class Judge(abc.ABC):
 
 class Rewriter(abc.ABC):
     """Rewrites an original suffix into an improved one that still continues the prefix."""
+
+    collective = False
+    """As :attr:`Judge.collective`."""
 
     @abc.abstractmethod
     def rewrite(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> list[Optional[str]]:

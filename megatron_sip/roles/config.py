@@ -79,6 +79,10 @@ class JudgeConfig:
 class RewriterConfig:
     """The rewriter that improves original suffixes."""
 
+    rewriter_store: Optional[str] = None
+    """Precomputed rewrites (a file from tools/precompute_rewrites.py): the trainer reads the
+    rewrite of each sample from it and builds no rewriter; a sample it lacks has no rewrite."""
+
     rewriter_backend: Literal["oracle", "megatron", "openai"] = "oracle"
     """Rewriter implementation: oracle (recorded clean versions of the embedded-default
     corpus's unsafe and false spans), megatron (a colocated checkpoint, --rewriter-load) or
@@ -117,6 +121,8 @@ class RewriterConfig:
 
     def __post_init__(self):
         require_choice("--rewriter-backend", self.rewriter_backend, REWRITER_BACKENDS)
+        if self.rewriter_store:
+            return
         if self.rewriter_backend == "oracle" and not self.rewriter_oracle_data:
             raise ConfigError(
                 "--rewriter-oracle-data",

@@ -318,6 +318,12 @@ class ScoreStore:
             raise ValueError(f"{len(keys)} keys but {len(scores)} scores")
         return sum(self.put(key, kind, objective, judge, s) for key, s in zip(keys, scores))
 
+    def update(self, other: ScoreStore) -> None:
+        """Adds ``other``'s entries (its scores win on a clash); counters are kept."""
+        for entry, score in other._scores.items():
+            self._scores[entry] = score
+        self._evict()
+
     def __contains__(self, item: tuple) -> bool:
         """``(key, kind, objective, judge) in store``; does not count as a hit or miss."""
         return self._entry(*item) in self._scores

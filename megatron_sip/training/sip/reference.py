@@ -15,9 +15,12 @@ from megatron_sip.training.sip.config import SIPConfig
 
 
 class EMAReference:
-    def __init__(self, reference_module: torch.nn.Module, policy, sip: SIPConfig):
-        """``reference_module``: a freshly built model of the policy's architecture on this
-        rank (same shard); it starts as a copy of the policy."""
+    def __init__(
+        self, reference_module: torch.nn.Module, policy, sip: SIPConfig, copy_policy: bool = True
+    ):
+        """``reference_module``: a model of the policy's architecture on this rank (same shard);
+        it starts as a copy of the policy unless ``copy_policy`` is False (its weights were
+        loaded from a checkpoint)."""
         self.module = reference_module
         self.decay = sip.sip_ref_ema_decay
         self.interval = sip.sip_ref_update_interval
@@ -25,7 +28,8 @@ class EMAReference:
         for param in self.module.parameters():
             param.requires_grad_(False)
         self._pairs = self._match(policy)
-        self.copy_from_policy()
+        if copy_policy:
+            self.copy_from_policy()
 
     def _match(self, policy) -> list[tuple[torch.Tensor, torch.Tensor]]:
         policy_params = dict(unwrap_model(policy).named_parameters())

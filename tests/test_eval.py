@@ -1,0 +1,288 @@
+"""Evaluation: continuations of held-out prefixes, judge-based metrics, the demo report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from megatron_sip.eval.compare import compare, factuality, safety, win_rate
+from megatron_sip.eval.continuations import load_continuations, load_prefixes
+from megatron_sip.eval.report import format_table, read_scalars, write_report
+from megatron_sip.roles.base import Judge
+
+from . import workers
+from .distributed import run_ranks
+
+
+class FakeJudge(Judge):
+    """Scores looked up by text: ``prefs[(first, second)]``, ``safe[text]``, ``facts[text]``;
+    absent keys are missing (None)."""
+
+    def __init__(self, prefs=None, safe=None, facts=None):
+        self.prefs, self.safe, self.facts = prefs or {}, safe or {}, facts or {}
+
+    def prefer(self, prefixes, firsts, seconds):
+        return [self.prefs.get((a, b)) for a, b in zip(firsts, seconds)]
+
+    def safety(self, prefixes, texts):
+        return [self.safe.get(t) for t in texts]
+
+    def factuality(self, prefixes, texts):
+        return [self.facts.get(t) for t in texts]
+
+
+# --------------------------------------------------------------------------------------------
+# prefix files
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_prefixes_keeps_fields_and_names_bad_lines(tmp_path):
+    good = tmp_path / "eval_prefixes.jsonl"
+    good.write_text('{"id": "a", "prefix": "Once"}\n\n{"prefix": "Twice", "topic": "x"}\n')
+    assert load_prefixes(good) == [{"id": "a", "prefix": "Once"}, {"prefix": "Twice", "topic": "x"}]
+    for body, line, message in (
+        ('{"prefix": "ok"}\n{"prefix": "cut', 2, "invalid JSON"),
+        ('{"prefix": "ok"}\n{"prefix": "ok"}\n{"id": 3}\n', 3, 'no "prefix"'),
+        ('{"prefix": 7}\n', 1, "non-string"),
+        ('["prefix"]\n', 1, "JSON object"),
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(body)
+        with pytest.raises(ValueError, match=re.escape(f"{bad}:{line}: ") + f".*{message}"):
+            load_prefixes(bad)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"set": "s", "index": "0", "prefix": "p", "continuation": "c"}\n')
+    with pytest.raises(ValueError, match=re.escape(f'{rows}:1: "index" must be a int')):
+        load_continuations(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_win_rate_needs_both_orders_to_agree():
+    prefixes = ["p"] * 4
+    cands, bases = [f"c{i}" for i in range(4)], [f"b{i}" for i in range(4)]
+    wins = {(c, b): 0.9 for c, b in zip(cands, bases)} | {(b, c): 0.2 for c, b in zip(cands, bases)}
+    result = win_rate(FakeJudge(wins), prefixes, cands, bases)
+    assert result["score"] == 100.0 and result["ci95"] == [100.0, 100.0]
+    assert (result["wins"], result["ties"], result["tie_rate"], result["missing"]) == (4, 0, 0.0, 0)
+
+    # The judge prefers whichever comes first: the orders disagree, every pair is a tie.
+    biased = {(c, b): 0.8 for c, b in zip(cands, bases)} | {
+        (b, c): 0.8 for c, b in zip(cands, bases)
+    }
+    result = win_rate(FakeJudge(biased), prefixes, cands, bases)
+    assert result["score"] == 50.0 and result["tie_rate"] == 100.0 and result["ties"] == 4
+
+    # win, loss, tie, missing (one order absent): the missing pair is left out.
+    mixed = {
+        ("c0", "b0"): 0.9, ("b0", "c0"): 0.1,
+        ("c1", "b1"): 0.1, ("b1", "c1"): 0.9,
+        ("c2", "b2"): 0.9, ("b2", "c2"): 0.6,
+        ("c3", "b3"): 0.9,
+    }  # fmt: skip
+    result = win_rate(FakeJudge(mixed), prefixes, cands, bases, bootstrap=500, seed=1)
+    assert (result["wins"], result["losses"], result["ties"]) == (1, 1, 1)
+    assert result["count"] == 3 and result["missing"] == 1 and result["score"] == 50.0
+    low, high = result["ci95"]
+    assert 0.0 <= low <= result["score"] <= high <= 100.0 and low < high
+    assert win_rate(FakeJudge(mixed), prefixes, cands, bases, bootstrap=500, seed=1) == result
+    nothing = win_rate(FakeJudge(), prefixes, cands, bases)
+    assert nothing["score"] is None and nothing["ci95"] is None and nothing["missing"] == 4
+
+
+def test_safety_and_factuality_count_missing_scores():
+    rows = [{"prefix": "p", "continuation": t} for t in ("a", "b", "c", "d")]
+    judge = FakeJudge(safe={"a": 1.0, "b": 0.5, "c": 0.2}, facts={"a": 1.0, "b": 0.5})
+    assert safety(judge, rows) == {"score": 66.6667, "count": 3, "missing": 1}
+    assert factuality(judge, rows) == {"score": 75.0, "count": 2, "missing": 2}
+    assert safety(FakeJudge(), rows) == {"score": None, "count": 0, "missing": 4}
+
+
+def _rows(texts, sets=("unsafe", "unsafe", "clean")):
+    return [
+        {"set": s, "index": i, "prefix": f"{s} prefix {i}", "continuation": t}
+        for i, (s, t) in enumerate(zip(sets, texts))
+    ]
+
+
+def test_compare_headline_and_per_set_numbers():
+    base, sip = _rows(["bad", "bad2", "meh"]), _rows(["good", "good2", "fine"])
+    prefs = {}
+    for b, c in zip(base, sip):
+        prefs[(c["continuation"], b["continuation"])] = 0.9
+        prefs[(b["continuation"], c["continuation"])] = 0.2
+    judge = FakeJudge(
+        prefs,
+        safe={"bad": 0.0, "bad2": 1.0, "meh": 0.0, "good": 1.0, "good2": 1.0, "fine": 1.0},
+        facts={"bad": 0.0, "bad2": 0.0, "meh": 1.0, "good": 1.0, "good2": 1.0},
+    )
+    result = compare(judge, base, list(reversed(sip)), "unsafe")  # matched by (set, index)
+    assert result["baseline"]["safety"]["score"] == 50.0  # the unsafe set only
+    assert result["sip"]["safety"] == {"score": 100.0, "count": 2, "missing": 0}
+    assert result["baseline"]["factuality"]["score"] == pytest.approx(100 / 3, abs=1e-3)
+    assert result["sip"]["factuality"] == {"score": 100.0, "count": 2, "missing": 1}
+    assert result["sip"]["quality_win_rate"]["score"] == 100.0
+    assert result["sip"]["quality_win_rate"]["count"] == 3  # both sets
+    assert result["sets"]["clean"]["baseline"]["safety"]["score"] == 0.0
+    assert result["counts"] == {"unsafe": 2, "clean": 1}
+    table = format_table(result)
+    assert "100.0 [100.0, 100.0]" in table and table.splitlines()[0].startswith("Metric")
+
+
+def test_compare_rejects_rows_that_do_not_match():
+    base = _rows(["a", "b", "c"])
+    other = [dict(r) for r in _rows(["x", "y", "z"])]
+    other[1]["prefix"] = "something else"
+    with pytest.raises(ValueError, match="index 1: the prefixes of base.jsonl and sip.jsonl"):
+        compare(
+            FakeJudge(),
+            base,
+            other,
+            "unsafe",
+            baseline_name="base.jsonl",
+            candidate_name="sip.jsonl",
+        )
+    with pytest.raises(ValueError, match="baseline has 1 row"):
+        compare(FakeJudge(), base, base[:2], "unsafe")
+    with pytest.raises(ValueError, match="unsafe set 'nope'"):
+        compare(FakeJudge(), base, base, "nope")
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_report_with_missing_tags(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for step in (1, 2, 3):
+        writer.add_scalar("sip/reward/rollout-mean", 0.1 * step, step)
+        writer.add_scalar("sip/safety/rollout-mean", 0.5 + 0.1 * step, step)
+    writer.close()
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["sip/reward/rollout-mean"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_scalars(tmp_path / "nowhere")
+
+    win = {"score": 62.5, "ci95": [55.0, 70.0], "tie_rate": 20.0, "missing": 1}
+    results = {
+        "baseline": {
+            "safety": {"score": 40.0, "count": 10, "missing": 0},
+            "factuality": {"score": None, "count": 0, "missing": 5},
+        },
+        "sip": {
+            "safety": {"score": 90.0, "count": 10, "missing": 0},
+            "factuality": {"score": 70.0, "count": 5, "missing": 0},
+            "quality_win_rate": win,
+        },
+        "unsafe_set": "eval_unsafe_prefixes",
+    }
+    curves = {"sip": scalars, "other": {"sip/safety/judge-mean": {1: 0.4}}, "empty": {}}
+    meta = {"iterations": 20, "wall_time_s": 12.5, "commands": ["python -m a", "python -m b"]}
+    out = tmp_path / "report"
+    write_report(out, results, curves, meta)
+    for name in ("reward.png", "safety.png", "comparison.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.loads((out / "report.json").read_text()) == {"results": results, "meta": meta}
+    markdown = (out / "report.md").read_text()
+    assert (
+        "| Quality win rate vs baseline (%, 95% CI) | 50 (reference) | 62.5 [55.0, 70.0]"
+        in markdown
+    )
+    assert (
+        "n/a (5 missing)" in markdown
+        and "python -m b" in markdown
+        and "**iterations**: 20" in markdown
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.png", "report.json", "report.md", "reward.png", "safety.png"
+    ]  # fmt: skip
+    # Nothing logged at all still gives every file.
+    write_report(tmp_path / "bare", {}, {}, {})
+    assert len(list((tmp_path / "bare").iterdir())) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# generation (one CPU rank, a tiny random model)
+# --------------------------------------------------------------------------------------------
+
+
+def continuations_worker(root: str) -> None:
+    from pathlib import Path
+
+    from megatron_sip.data.config import TokenizerConfig
+    from megatron_sip.data.tokenizers import build_tokenizer
+    from megatron_sip.eval import continuations
+    from megatron_sip.inference.sampling import SamplingConfig
+    from megatron_sip.initialize import destroy_distributed
+    from megatron_sip.models.checkpointing import save_checkpoint
+
+    parallel, _ = workers.setup()
+    chunks, _ = workers.build(parallel)
+    tokenizer_config = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB)
+    tokenizer = build_tokenizer(tokenizer_config)
+    assert tokenizer.tokenize("5 17  42") == [5, 17, 42] and tokenizer.detokenize([5, 17]) == "5 17"
+    assert tokenizer.eod == workers.VOCAB - 1
+    long = " ".join(str(i) for i in range(10, 40))
+    prefixes = ["5 17 42 9", "100 3", long]
+    sampling = SamplingConfig(sip_temperature=1.0)
+
+    def run(texts, seed, max_prefix=6):
+        return continuations.generate_continuations(
+            chunks[0], tokenizer, texts, num_tokens=8, max_prefix_tokens=max_prefix,
+            sampling=sampling, seed=seed, batch_size=2,
+        )  # fmt: skip
+
+    first = run(prefixes, seed=3)
+    assert len(first) == 3 and all(isinstance(t, str) for t in first)
+    for text in first:
+        ids = tokenizer.tokenize(text)
+        assert len(ids) <= 8 and tokenizer.eod not in ids
+    assert run(prefixes, seed=3) == first
+    assert run(prefixes, seed=4) != first
+    # Only the last max_prefix_tokens tokens of a prefix are seen.
+    last = " ".join(long.split()[-6:])
+    assert run([prefixes[0], prefixes[1], last], seed=3) == first
+    with pytest.raises(ValueError, match="prefix 1 .* no tokens"):
+        run(["1 2", "  "], seed=3)
+
+    # The entry point, from a checkpoint that stores its settings, gives the same text.
+    model = workers.tiny_llama()
+    settings = {
+        "model": dataclasses.asdict(model),
+        "tokenizer": dataclasses.asdict(tokenizer_config),
+    }
+    save_checkpoint(f"{root}/ckpt", 0, chunks, extra_common=settings)
+    destroy_distributed()
+    prefix_file = Path(root) / "eval_unsafe_prefixes.jsonl"
+    prefix_file.write_text(
+        "".join(json.dumps({"id": f"u{i}", "prefix": p}) + "\n" for i, p in enumerate(prefixes))
+    )
+    output = Path(root) / "out" / "sip.jsonl"
+    continuations.main([
+        "--device", "cpu", "--load", f"{root}/ckpt", "--prefixes", str(prefix_file),
+        "--output", str(output), "--eval-num-tokens", "8", "--eval-max-prefix-tokens", "6",
+        "--eval-batch-size", "2", "--seed", "3", "--sip-temperature", "1",
+    ])  # fmt: skip
+    rows = load_continuations(output)
+    assert [r["continuation"] for r in rows] == first
+    assert rows[0] == {
+        "set": "eval_unsafe_prefixes",
+        "index": 0,
+        "id": "u0",
+        "prefix": prefixes[0],
+        "continuation": first[0],
+    }
+    assert sorted(p.name for p in output.parent.iterdir()) == ["sip.jsonl"]  # no temporary left
+
+
+def test_generate_continuations_and_entry_point(tmp_path):
+    run_ranks(continuations_worker, 1, str(tmp_path))

@@ -1,0 +1,245 @@
+"""The SIP trainer: one step at TP=2 and PP=2 equals TP=1; interrupted and resumed runs repeat
+the uninterrupted one exactly; a rewrite store replaces the rewriter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .distributed import run_ranks
+from .judge_utils import build_demo_and_tokenizer
+from .pretrain_utils import ROOT, run_module, scalars
+
+MODEL = [
+    "--device", "cpu", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
+    "--num-attention-heads", "4", "--seq-length", "96", "--max-position-embeddings", "96",
+    "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--transformer-impl", "local",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sip_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sip")
+    demo, tokenizer = build_demo_and_tokenizer(root)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input",
+         str(demo / "corpus.jsonl"), "--output-prefix", str(root / "corpus"),
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+         tokenizer.tokenizer_model, "--append-eod", "--workers", "1"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    flags = [
+        *MODEL, "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", tokenizer.tokenizer_model,
+        "--data-path", str(root / "corpus_text_document"), "--split", "98,2,0",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+        "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1.0",
+        "--seed", "1234", "--log-interval", "1",
+        "--sip-suffix-len", "12", "--sip-num-rollouts", "3", "--sip-nll-weight", "0.1",
+        "--sip-objectives", "quality,safety,factuality",
+        "--judge-backend", "oracle", "--judge-oracle-data", str(demo),
+        "--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo),
+    ]  # fmt: skip
+    return root, flags
+
+
+def _step_worker(flags: list, out: str) -> None:
+    from megatron_sip.arguments import parse_args
+    from megatron_sip.initialize import destroy_distributed, initialize_distributed
+    from megatron_sip.train_sip import EXTRA_GROUPS, build_job
+
+    world = int(os.environ["WORLD_SIZE"])
+    configs = parse_args(flags, extra_groups=EXTRA_GROUPS, world_size=world, exit_on_error=False)
+    context = initialize_distributed(configs.parallel, "cpu", configs.training.seed)
+    job = build_job(configs, context)
+    metrics = job.trainer.step(job.state)
+    job.trainer.save(configs.checkpoint, job.state)
+    selections = [
+        [
+            (s.selection.chosen.kind, s.selection.chosen.index) if s.selection.chosen else None,
+            (s.selection.rejected.kind, s.selection.rejected.index)
+            if s.selection.rejected
+            else None,
+            s.rollouts,
+        ]
+        for batch in job.trainer.last_scored
+        for s in batch
+    ]
+    if context.rank == 0:
+        Path(out).write_text(json.dumps({"metrics": metrics, "selections": selections}))
+    destroy_distributed()
+
+
+def _weights_worker(checkpoints: list, flags: list, out: str) -> None:
+    from megatron_sip.arguments import parse_args
+    from megatron_sip.data.tokenizers import build_tokenizer
+    from megatron_sip.initialize import destroy_distributed, initialize_distributed
+    from megatron_sip.models.checkpointing import load_checkpoint
+    from megatron_sip.models.gpt import build_gpt_model
+    from megatron_sip.train_sip import EXTRA_GROUPS
+    from megatron_sip.training.setup import setup_model_and_optimizer
+
+    configs = parse_args(flags, extra_groups=EXTRA_GROUPS, world_size=1, exit_on_error=False)
+    context = initialize_distributed(configs.parallel, "cpu", 1)
+    tokenizer = build_tokenizer(configs.tokenizer)
+    states = []
+    for checkpoint in checkpoints:
+        job = setup_model_and_optimizer(
+            configs.model, configs.parallel, configs.training, configs.tokenizer,
+            tokenizer.vocab_size, context,
+        )  # fmt: skip
+        reference = build_gpt_model(configs.model, job.transformer_config, job.vocab_size)
+        load_checkpoint(checkpoint, job.model_chunks, load_optim=False, load_rng=False,
+                        extra_modules={"reference": reference})  # fmt: skip
+        policy = {n: p.detach().clone() for n, p in job.model_chunks[0].module.named_parameters()}
+        ref = {n: p.detach().clone() for n, p in reference.named_parameters()}
+        states.append({"policy": policy, "reference": ref})
+    torch.save(states, out)
+    destroy_distributed()
+
+
+LOSS_METRICS = ("sip/loss", "sip/dpo-loss", "sip/dpo-margin", "sip/original-nll")
+
+
+@pytest.mark.slow
+def test_sip_step_at_tp2_and_pp2_equals_tp1(sip_data):
+    """From the same random init (a saved TP=1 model), one online-DPO step with rollouts, oracle
+    judging, selection, reference scoring and the optimizer update gives the same rollouts,
+    pairs, losses and updated weights at TP=2 and PP=2 as at TP=1."""
+    root, flags = sip_data
+    init = root / "init"
+    run_ranks(_step_worker, 1, [*flags, "--train-iters", "1", "--lr", "0", "--save", str(init)],
+              str(root / "init.json"))  # fmt: skip
+    runs = {}
+    for name, world, layout in (
+        ("tp1", 1, []),
+        ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+        ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
+    ):
+        out = root / f"{name}.json"
+        run_ranks(
+            _step_worker, world,
+            [*flags, *layout, "--train-iters", "1", "--pretrained-checkpoint", str(init),
+             "--save", str(root / name)],
+            str(out),
+        )  # fmt: skip
+        runs[name] = json.loads(out.read_text())
+    base = runs["tp1"]
+    assert base["metrics"]["sip/pairs"] > 0
+    for name in ("tp2", "pp2"):
+        assert runs[name]["selections"] == base["selections"], name
+        for metric in LOSS_METRICS:
+            assert runs[name]["metrics"][metric] == pytest.approx(
+                base["metrics"][metric], abs=2e-5
+            ), (name, metric)
+        for metric, value in base["metrics"].items():
+            if metric.startswith(("sip/reward", "sip/chosen-share", "sip/skipped")):
+                assert runs[name]["metrics"][metric] == pytest.approx(value), (name, metric)
+    out = root / "weights.pt"
+    run_ranks(_weights_worker, 1, [str(root / n) for n in ("tp1", "tp2", "pp2")], flags, str(out))
+    tp1, *others = torch.load(out)
+    for other in others:
+        for side in ("policy", "reference"):
+            for key, value in tp1[side].items():
+                torch.testing.assert_close(other[side][key], value, atol=2e-5, rtol=0)
+    # The step moved the weights (the comparison is not between untouched copies).
+    init_out = root / "init_weights.pt"
+    run_ranks(_weights_worker, 1, [str(init)], flags, str(init_out))
+    (initial,) = torch.load(init_out)
+    assert any(not torch.equal(initial["policy"][k], v) for k, v in tp1["policy"].items())
+
+
+DETERMINISTIC = ("sip/", "train/learning-rate", "train/grad-norm")
+TIMING = ("sip/time/", "sip/tokens-per-second/")
+
+
+@pytest.mark.slow
+def test_resumed_sip_run_repeats_the_uninterrupted_one(sip_data):
+    """DP=2: a run stopped by --exit-interval 2 and resumed from its checkpoint (policy,
+    optimizer, schedule, RNG, EMA reference, score store, data position) logs exactly the
+    metrics of an uninterrupted 4-step run."""
+    root, flags = sip_data
+    common = [*flags, "--train-iters", "4", "--sip-ref-ema-decay", "0.5"]
+    straight, resumed = root / "straight", root / "resumed"
+    run_module(2, "megatron_sip.train_sip", *common, "--save", str(straight),
+               "--tensorboard-dir", str(straight / "tb"))  # fmt: skip
+    first = run_module(2, "megatron_sip.train_sip", *common, "--save", str(resumed),
+                       "--load", str(resumed), "--exit-interval", "2",
+                       "--tensorboard-dir", str(resumed / "tb1"))  # fmt: skip
+    assert "exiting at iteration 2" in first
+    second = run_module(
+        2, "megatron_sip.train_sip", *common, "--save", str(resumed), "--load", str(resumed),
+        "--tensorboard-dir", str(resumed / "tb2"),
+    )  # fmt: skip
+    assert "resuming SIP from" in second
+    tags = [
+        tag for tag in _tags(straight / "tb")
+        if tag.startswith(DETERMINISTIC) and not tag.startswith(TIMING)
+    ]  # fmt: skip
+    assert "sip/dpo-margin" in tags and "sip/reward/rollout-mean" in tags
+    for tag in tags:
+        expected = scalars(straight / "tb", tag)
+        got = {**scalars(resumed / "tb1", tag), **scalars(resumed / "tb2", tag)}
+        assert got == expected, tag
+
+
+def _tags(directory: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory))
+    accumulator.Reload()
+    return accumulator.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_rewrite_store_replaces_the_rewriter(sip_data):
+    """tools/precompute_rewrites.py over the run's samples, then training from the store: the
+    same rewrites, rewards and losses as running the rewriter online."""
+    root, flags = sip_data
+    common = [*flags, "--train-iters", "2", "--sip-loss", "sft_rewrite"]
+    store = root / "rewrites.jsonl"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "precompute_rewrites.py"), *common,
+         "--rewrite-store-output", str(store)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    online, stored = root / "online_tb", root / "stored_tb"
+    run_module(1, "megatron_sip.train_sip", *common, "--tensorboard-dir", str(online))
+    run_module(1, "megatron_sip.train_sip", *common, "--rewriter-store", str(store),
+               "--tensorboard-dir", str(stored))  # fmt: skip
+    for tag in ("sip/loss", "sip/chosen-nll", "sip/missing-rewrites"):
+        assert scalars(stored, tag) == scalars(online, tag), tag
+    # A store made for other sample settings is refused, naming the setting.
+    with pytest.raises(AssertionError, match="sip_suffix_len"):
+        run_module(1, "megatron_sip.train_sip", *common, "--sip-suffix-len", "8",
+                   "--rewriter-store", str(store))  # fmt: skip
+
+
+def test_rewrite_store_errors_name_the_line(tmp_path):
+    from megatron_sip.roles.rewrite_store import RewriteStore, write_rewrite_store
+
+    path = tmp_path / "store.jsonl"
+    write_rewrite_store(path, {"seed": 1}, [((0, 1, 2), "clean text"), ((0, 3, 4), None)])
+    store = RewriteStore.load(path)
+    assert store.get((0, 1, 2)) == "clean text" and store.get((0, 3, 4)) is None
+    assert (0, 3, 4) in store and (9, 9, 9) not in store and len(store) == 2
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], '{"key": [0, 1], "rewrite": "x"}']))
+    with pytest.raises(ValueError, match=r"store.jsonl:3: 'key'"):
+        RewriteStore.load(path)
+    path.write_text("\n".join([lines[0], "{not json"]))
+    with pytest.raises(ValueError, match=r"store.jsonl:2: not JSON"):
+        RewriteStore.load(path)
+    path.write_text('{"rewrite": "x"}\n')
+    with pytest.raises(ValueError, match=r"store.jsonl:1: not a rewrite store header"):
+        RewriteStore.load(path)
+    with pytest.raises(ValueError, match="seed=1, this run has 2"):
+        store.check_identity({"seed": 2}, "store.jsonl")
