@@ -191,7 +191,17 @@ def test_write_report_with_missing_tags(tmp_path):
     write_report(out, results, curves, meta)
     for name in ("reward.png", "safety.png", "comparison.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert json.loads((out / "report.json").read_text()) == {"results": results, "meta": meta}
+    assert json.loads((out / "report.json").read_text()) == {
+        "baseline": {"safety": 40.0, "factuality": None},
+        "sip": {
+            "safety": 90.0,
+            "factuality": 70.0,
+            "quality_win_rate": 62.5,
+            "quality_win_rate_ci95": [55.0, 70.0],
+        },
+        "details": results,
+        "meta": meta,
+    }
     markdown = (out / "report.md").read_text()
     assert (
         "| Quality win rate vs baseline (%, 95% CI) | 50 (reference) | 62.5 [55.0, 70.0]"

@@ -110,6 +110,27 @@ def format_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(runs: Mapping[str, Mapping]) -> str:
+    """A markdown table of several SIP variants, each compared with the same baseline
+    (the paper's Table 6 analogue): safety, factuality and quality win rate per variant."""
+    lines = [
+        "| Variant | Safety (%) | Factuality (%) | Quality win rate vs baseline (%, 95% CI) |",
+        "|---|---|---|---|",
+    ]
+    baseline = next(iter(runs.values()), {})
+    lines.append(
+        f"| baseline (NLL) | {_cell(_metric(baseline, 'baseline', 'safety'))} | "
+        f"{_cell(_metric(baseline, 'baseline', 'factuality'))} | 50 (reference) |"
+    )
+    for name, results in runs.items():
+        lines.append(
+            f"| {name} | {_cell(_metric(results, 'sip', 'safety'))} | "
+            f"{_cell(_metric(results, 'sip', 'factuality'))} | "
+            f"{_cell(_metric(results, 'sip', 'quality_win_rate'), interval=True)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: Mapping) -> str:
     rows = table_rows(results)
     lines = ["| " + " | ".join(row) + " |" for row in rows]
@@ -245,6 +266,22 @@ def plot_comparison(path: Path, results: Mapping) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def headline(results: Mapping) -> dict:
+    """The report's top level: for ``baseline`` and ``sip``, ``safety`` and ``factuality`` in
+    percent, and SIP's ``quality_win_rate`` over the baseline with its 95% bootstrap interval."""
+    out: dict = {}
+    for policy in ("baseline", "sip"):
+        entry = {}
+        for name in ("safety", "factuality", "quality_win_rate"):
+            metric = _metric(results, policy, name)
+            if metric is not None:
+                entry[name] = metric.get("score")
+                if "ci95" in metric:
+                    entry[f"{name}_ci95"] = metric["ci95"]
+        out[policy] = entry
+    return out
+
+
 def write_report(
     out_dir: str | os.PathLike, results: Mapping, curves: Curves, meta: Mapping
 ) -> None:
@@ -256,6 +293,6 @@ def write_report(
     plot_curves(out / "reward.png", curves, REWARD_TAGS, "SIP rewards", "judge reward")
     plot_curves(out / "safety.png", curves, safety_tags(curves), "SIP safety", "safety score")
     plot_comparison(out / "comparison.png", results)
-    document = {"results": results, "meta": meta}
+    document = {**headline(results), "details": results, "meta": meta}
     write_atomically(out / "report.json", json.dumps(document, indent=2, default=str) + "\n")
     write_atomically(out / "report.md", report_markdown(results, meta))

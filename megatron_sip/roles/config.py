@@ -41,6 +41,11 @@ class JudgeConfig:
     judge_max_prefix_chars: int = 2000
     """The prefix shown to the judge is cut to its last this many characters."""
 
+    judge_safety_window_sentences: int = 2
+    """Safety is judged on every run of up to this many consecutive sentences of a candidate and
+    the lowest P(safe) counts, so text added around an unsafe passage (appeals to the judge)
+    cannot raise its score; 0 judges the whole candidate in one prompt."""
+
     judge_micro_batch_size: int = 8
     """Prompts per forward pass of the colocated judge."""
 
@@ -65,6 +70,8 @@ class JudgeConfig:
 
     def __post_init__(self):
         require_choice("--judge-backend", self.judge_backend, JUDGE_BACKENDS)
+        if self.judge_safety_window_sentences < 0:
+            raise ConfigError("--judge-safety-window-sentences", "must be >= 0")
         if self.judge_backend == "oracle" and not self.judge_oracle_data:
             raise ConfigError(
                 "--judge-oracle-data", "--judge-backend oracle needs the demo corpus directory"
@@ -157,6 +164,7 @@ def _megatron_judge(config: JudgeConfig, *, parallel, offload: bool = False, **c
         PromptSet.load(config.judge_prompt_dir),
         max_prefix_chars=config.judge_max_prefix_chars,
         micro_batch_size=config.judge_micro_batch_size,
+        safety_window_sentences=config.judge_safety_window_sentences,
         offload=offload,
     )
 

@@ -3,8 +3,9 @@
 A role model is built once, in inference mode, from a checkpoint whose saved model and tokenizer
 settings (written by ``megatron_sip.pretrain``) describe it; flags can override them. It shares the
 policy's tensor/pipeline-parallel groups. The judge reads its verdict from the probabilities of two
-fixed verdict tokens at the answer position, in one forward pass over a batch of prompts; the
-rewriter generates with the rollout engine (greedy by default).
+fixed verdict tokens at the answer position, in one forward pass over a batch of prompts (safety:
+the least P(safe) over runs of a candidate's sentences, see ``PromptedJudge``); the rewriter
+generates with the rollout engine (greedy by default).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from megatron_sip.models.config import ModelConfig
 from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Rewriter, Score, _check_lengths
-from megatron_sip.roles.prompts import PromptedJudge, PromptSet, Template, verdict_token_id
+from megatron_sip.roles.prompts import (
+    SAFETY_WINDOW_SENTENCES,
+    PromptedJudge,
+    PromptSet,
+    Template,
+    verdict_token_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +149,8 @@ def verdict_probability(log_probs: torch.Tensor, positive: int, negative: int) -
 
 
 class MegatronJudge(PromptedJudge):
+    collective = True  # every model-parallel rank runs the same forward passes
+
     def __init__(
         self,
         role: RoleModel,
@@ -150,8 +159,9 @@ class MegatronJudge(PromptedJudge):
         max_prefix_chars: int = 2000,
         micro_batch_size: int = 8,
         offload: bool = False,
+        safety_window_sentences: int = SAFETY_WINDOW_SENTENCES,
     ):
-        super().__init__(prompts, max_prefix_chars)
+        super().__init__(prompts, max_prefix_chars, safety_window_sentences)
         self.role = role
         self.micro_batch_size = micro_batch_size
         self.offload = offload
@@ -164,21 +174,30 @@ class MegatronJudge(PromptedJudge):
         }
 
     def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
-        """P(positive verdict) for rendered prompts, batched."""
+        """P(positive verdict) for rendered prompts, in the prompts' order. Each distinct prompt
+        is run once (a safety call repeats the runs of sentences that candidates share), in
+        micro-batches of prompts of similar length (less padding)."""
         positive, negative = self.verdict_ids[name]
+        distinct: dict[tuple[int, ...], int] = {}
+        rows = [distinct.setdefault(tuple(self.role.encode(p)), len(distinct)) for p in prompts]
+        encoded = list(distinct)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         if self.offload:
             self.role.onload()
-        scores: list[Score] = []
-        for start in range(0, len(prompts), self.micro_batch_size):
-            batch = [self.role.encode(p) for p in prompts[start : start + self.micro_batch_size]]
-            log_probs = self.role.next_token_log_probs(batch)
-            scores += verdict_probability(log_probs, positive, negative).tolist()
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.micro_batch_size):
+            batch = order[start : start + self.micro_batch_size]
+            log_probs = self.role.next_token_log_probs([encoded[i] for i in batch])
+            for i, score in zip(batch, verdict_probability(log_probs, positive, negative)):
+                scores[i] = score.item()
         if self.offload:
             self.role.offload()
-        return scores
+        return [scores[row] for row in rows]
 
 
 class MegatronRewriter(Rewriter):
+    collective = True
+
     def __init__(
         self,
         role: RoleModel,

@@ -41,7 +41,12 @@ from megatron_sip.roles.config import (
     JudgeConfig,
     RewriterConfig,
 )
-from megatron_sip.roles.prompts import PromptedJudge, PromptSet, Template
+from megatron_sip.roles.prompts import (
+    SAFETY_WINDOW_SENTENCES,
+    PromptedJudge,
+    PromptSet,
+    Template,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +329,9 @@ class OpenAIJudge(PromptedJudge):
         *,
         max_prefix_chars: int = 2000,
         top_logprobs: int = JUDGE_TOP_LOGPROBS,
+        safety_window_sentences: int = SAFETY_WINDOW_SENTENCES,
     ):
-        super().__init__(prompts, max_prefix_chars)
+        super().__init__(prompts, max_prefix_chars, safety_window_sentences)
         self.client = client
         self.top_logprobs = top_logprobs
         self.identity = f"openai:{client.base_url}:{client.model}:{prompts.fingerprint()}"
@@ -411,6 +417,7 @@ def _openai_judge(config: JudgeConfig, **context) -> Judge:
         client,
         PromptSet.load(config.judge_prompt_dir),
         max_prefix_chars=config.judge_max_prefix_chars,
+        safety_window_sentences=config.judge_safety_window_sentences,
     )
 
 

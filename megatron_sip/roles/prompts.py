@@ -6,6 +6,12 @@ prompt, with ``{prefix}`` and ``{candidate}`` (``{a}``/``{b}`` for pairwise qual
 ``{suffix}`` for the rewriter) between explicit tags. Candidate text is sanitised before it is
 put between the tags: it cannot close a tag or write a verdict string. The prompt ends at the
 answer position (the verdict is the very next token).
+
+Safety is read conservatively (:meth:`PromptedJudge.safety`): a candidate is cut into sentences
+and judged as every run of up to ``safety_window_sentences`` consecutive sentences; its score is
+the least P(safe) of those runs. Adding sentences to a text keeps all of its runs and only adds
+new ones, so an appeal to the judge appended, prepended or inserted as whole sentences can only
+lower a candidate's safety score, never raise it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ TEMPLATE_FILES = {
     "rewrite": "rewrite.txt",
 }
 _TAG = re.compile(r"</?\s*(prefix|candidate(_a|_b)?|original|rewrite)\s*>", re.IGNORECASE)
+# A sentence ends at . ! or ? (and closing quotes or brackets) followed by white space, or at a
+# line break.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+|\s*\n\s*")
+_WORD = re.compile(r"\w")
+SAFETY_WINDOW_SENTENCES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +65,46 @@ def sanitize(text: str, verdicts: tuple[str, ...] = ()) -> str:
     for verdict in verdicts:
         text = text.replace(verdict, "")
     return text.replace("{", "(").replace("}", ")")
+
+
+def sentence_spans(text: str, verdicts: tuple[str, ...] = ()) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of ``text``, without surrounding white space. Tags and
+    verdict strings (which :func:`sanitize` removes) also end a sentence, and pieces without a
+    letter or digit once sanitised (a lone tag, verdict or full stop) are not sentences. Every cut
+    depends only on the characters around it, so a text's sentences stay the same when whole
+    sentences are added before or after it."""
+    cuts = {0, len(text)}
+    cuts.update(match.end() for match in _SENTENCE_END.finditer(text))
+    for match in _TAG.finditer(text):
+        cuts.update(match.span())
+    for verdict in verdicts:
+        start = text.find(verdict)
+        while start >= 0:
+            cuts.update((start, start + len(verdict)))
+            start = text.find(verdict, start + len(verdict))
+    spans = []
+    ordered = sorted(cuts)
+    for start, end in zip(ordered, ordered[1:]):
+        piece = text[start:end]
+        if not _WORD.search(sanitize(piece, verdicts)):
+            continue
+        spans.append(
+            (start + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip()))
+        )
+    return spans
+
+
+def sentence_windows(text: str, max_sentences: int, verdicts: tuple[str, ...] = ()) -> list[str]:
+    """Every run of 1 to ``max_sentences`` consecutive sentences of ``text``, as it is written
+    there; ``[text]`` when ``max_sentences`` is 0 or the text has no sentence."""
+    spans = sentence_spans(text, verdicts) if max_sentences > 0 else []
+    if not spans:
+        return [text]
+    return [
+        text[spans[first][0] : spans[last][1]]
+        for first in range(len(spans))
+        for last in range(first, min(first + max_sentences, len(spans)))
+    ]
 
 
 def _parse(name: str, path: str, text: str) -> Template:
@@ -122,11 +173,31 @@ def verdict_token_id(tokenizer, verdict: str) -> int:
 
 class PromptedJudge(Judge):
     """A judge that renders the templates and reads a verdict probability per prompt; backends
-    (colocated model, HTTP server) only implement ``verdicts``."""
+    (colocated model, HTTP server) only implement ``verdicts``.
 
-    def __init__(self, prompts: PromptSet, max_prefix_chars: int):
+    ``safety_window_sentences`` (k) makes the safety verdict conservative: every run of up to k
+    consecutive sentences of a candidate is judged (all runs of a batch in one ``verdicts`` call)
+    and the candidate's P(safe) is the least of theirs; missing when any run's verdict is. A text
+    that holds an unsafe passage is unsafe whatever else it says, so adding sentences must never
+    make a text safer; with this reading it cannot: the runs of a text are among the runs of any
+    text made by adding whole sentences around or inside it, and the minimum over a larger set
+    is no larger. Injected appeals to the judge ("this text is safe", fake tags or verdicts) can
+    therefore not raise a candidate's safety reward, whatever the judge model makes of them
+    (text fused into one of the candidate's sentences, with no sentence end between them, is
+    left to the judge's training). Each candidate costs about k times its sentence count in
+    prompts, and content is judged in the context of the prefix and at most k sentences (train
+    the judge on such runs: ``judge_sft --judge-sft-window-rate``). 0: judge the whole candidate
+    once."""
+
+    def __init__(
+        self,
+        prompts: PromptSet,
+        max_prefix_chars: int,
+        safety_window_sentences: int = SAFETY_WINDOW_SENTENCES,
+    ):
         self.prompts = prompts
         self.max_prefix_chars = max_prefix_chars
+        self.safety_window_sentences = safety_window_sentences
 
     @abc.abstractmethod
     def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
@@ -143,9 +214,18 @@ class PromptedJudge(Judge):
         return self.verdicts("quality", rendered)
 
     def safety(self, prefixes, texts) -> list[Score]:
+        """The least P(safe) over the candidate's runs of sentences (see the class)."""
         _check_lengths(prefixes, texts)
-        rendered = [self.render("safety", prefix=p, candidate=t) for p, t in zip(prefixes, texts)]
-        return self.verdicts("safety", rendered)
+        verdicts = self.prompts["safety"].verdicts
+        rendered, owners = [], []
+        for index, (prefix, text) in enumerate(zip(prefixes, texts)):
+            for window in sentence_windows(text, self.safety_window_sentences, verdicts):
+                rendered.append(self.render("safety", prefix=prefix, candidate=window))
+                owners.append(index)
+        scores: list[list[Score]] = [[] for _ in texts]
+        for owner, score in zip(owners, self.verdicts("safety", rendered) if rendered else []):
+            scores[owner].append(score)
+        return [None if None in runs else min(runs) for runs in scores]
 
     def factuality(self, prefixes, texts) -> list[Score]:
         _check_lengths(prefixes, texts)
