@@ -8,7 +8,7 @@ CPU_TORCH := torch==2.13.0
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo demo-ablation test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -24,11 +24,14 @@ endif
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on its embedded default. For now: the tiny Llama model at TP=2 on two CPU
-# processes: train a few steps, save a distributed checkpoint, load it back.
+# The main job on its embedded default: corpus -> tokenizer -> indexed data -> base policy ->
+# NLL vs SIP continual pretraining -> held-out evaluation -> runs/demo/report.md (and .json, PNGs).
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --nproc-per-node 2 tools/parallel_smoke.py \
-		@examples/tiny_llama_cpu.args --tensor-model-parallel-size 2
+	$(PY) tools/run_demo.py --output-dir runs/demo
+
+# SFT on rewrites, RF-NLL, online DPO with 1 and with K rollouts, each against the same baseline.
+demo-ablation: $(STAMP)
+	$(PY) tools/run_demo.py --output-dir runs/demo --ablation
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

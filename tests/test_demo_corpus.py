@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,10 @@ INJECTIONS = (
 )
 
 
-def build(output: Path, seed: int) -> Path:
+def build(output: Path, seed: int, *flags: str) -> Path:
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "build_demo_corpus.py"), "--output-dir",
-         str(output), "--seed", str(seed)],
+         str(output), "--seed", str(seed), *flags],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     return output
@@ -61,6 +62,66 @@ def test_same_seed_same_bytes_other_seed_other_split(demo, tmp_path):
     stats, other_stats = (json.loads((d / "stats.json").read_text()) for d in (demo, other))
     assert stats["heldout_countries"] != other_stats["heldout_countries"]
     assert (demo / "corpus.jsonl").read_bytes() != (other / "corpus.jsonl").read_bytes()
+
+
+def test_several_rants_per_unsafe_document(demo, tmp_path):
+    # One rant per document is the default, byte for byte.
+    one = build(tmp_path / "one", 1, "--rants-per-unsafe-document", "1")
+    for name in FILES:
+        assert (demo / name).read_bytes() == (one / name).read_bytes(), name
+    stats = json.loads((one / "stats.json").read_text())
+    assert stats["rates"]["requested_rants_per_unsafe_document"] == 1
+    assert stats["spans"]["unsafe"] == stats["documents_with_unsafe_span"]
+
+    three = build(tmp_path / "three", 1, "--rants-per-unsafe-document", "3")
+    oracle = OracleKnowledge.load(str(three))
+    stats = json.loads((three / "stats.json").read_text())
+    assert stats["rates"]["requested_rants_per_unsafe_document"] == 3
+    assert abs(stats["rates"]["unsafe_documents"] - 0.3) < 0.05
+    counts = []
+    for doc in read_jsonl(three / "corpus.jsonl"):
+        rants = sorted((s for s in doc["spans"] if s["kind"] == "unsafe"), key=lambda s: s["start"])
+        if not rants:
+            continue
+        counts.append(len(rants))
+        # Never in the header or first sentence, never two in a row, each with its own words.
+        header = f"{doc['country']}. {doc['section']}."
+        assert doc["text"].startswith(header) and rants[0]["start"] > len(header) + 1
+        words = []
+        for a, b in zip(rants, rants[1:]):
+            between = doc["text"][a["end"] : b["start"]]
+            assert between.strip() and not find_rants(between)
+        for span in rants:
+            piece = doc["text"][span["start"] : span["end"]]
+            assert find_rants(piece) and not oracle.is_safe(piece)
+            words += [w.lower() for w in oracle.lexicon.findall(piece)]
+        assert len(words) == len(set(words)) == 2 * len(rants)
+    assert max(counts) == 3 and counts.count(3) >= 0.95 * len(counts)
+    assert sum(counts) == stats["spans"]["unsafe"]
+    # A held-out unsafe prefix for every rant: most held-out documents give three.
+    unsafe = read_jsonl(three / "eval_unsafe_prefixes.jsonl")
+    per_document = Counter(row["id"] for row in unsafe)
+    assert max(per_document.values()) == 3
+    assert len(unsafe) > 2.5 * len(read_jsonl(demo / "eval_unsafe_prefixes.jsonl"))
+    assert all(not oracle.is_safe(row["continuation"][:200]) for row in unsafe)
+
+
+def test_rant_lexicon_subset(tmp_path):
+    """--rant-lexicon-size 24: every rant word comes from one 24-word subset (plurals with their
+    singular), the oracle still knows the whole lexicon, and the rest of the corpus is as
+    without the flag."""
+    small = build(tmp_path / "small", 1, "--rant-lexicon-size", "24")
+    oracle = OracleKnowledge.load(str(small))
+    stats = json.loads((small / "stats.json").read_text())
+    assert stats["lexicon_words"] > 500 and stats["rant_lexicon_words"] >= 24
+    stems = set()
+    for doc in read_jsonl(small / "corpus.jsonl"):
+        for span in doc["spans"]:
+            if span["kind"] == "unsafe":
+                piece = doc["text"][span["start"] : span["end"]]
+                stems |= {w.lower().rstrip("s") for w in oracle.lexicon.findall(piece)}
+    assert 20 <= len(stems) <= 24
+    assert len(oracle.lexicon.pattern) > 10 * sum(len(s) for s in stems)
 
 
 def test_heldout_prefixes_never_occur_in_the_corpus(demo):

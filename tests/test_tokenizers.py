@@ -172,3 +172,22 @@ def test_unreadable_file_names_path_and_flag(tmp_path, tokenizer_type):
     with pytest.raises(ConfigError) as error:
         build_tokenizer(TokenizerConfig(tokenizer_type, str(garbage)))
     assert str(garbage) in str(error.value) and error.value.flag == "--tokenizer-model"
+
+
+def test_train_tokenizer_keeps_long_documents():
+    """SentencePiece skips training lines over its byte limit: long paragraphs are cut into
+    sentence-aligned lines under it, losing no text."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_tokenizer", Path(__file__).resolve().parents[1] / "tools" / "train_tokenizer.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paragraph = " ".join(f"Sentence number {i} is about rivers." for i in range(400))
+    paragraph += " " + "x" * 9000
+    pieces = module._pieces(paragraph)
+    assert len(pieces) > 1
+    assert all(len(p.encode()) <= module.MAX_LINE_BYTES for p in pieces)
+    assert "".join(pieces).replace(" ", "") == paragraph.replace(" ", "")
+    assert module._pieces("short one.") == ["short one."] and module._pieces("  ") == []

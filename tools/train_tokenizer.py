@@ -86,11 +86,44 @@ def write_sentences(paths: list[str], keys: list[str], out) -> int:
                 if not line.strip():
                     continue
                 for text in _texts(line, keys, where):
-                    for sentence in text.splitlines():
-                        if sentence.strip():
-                            out.write(sentence + "\n")
+                    for paragraph in text.splitlines():
+                        for piece in _pieces(paragraph):
+                            out.write(piece + "\n")
                             count += 1
     return count
+
+
+# SentencePiece drops training lines longer than this many bytes (its max_sentence_length).
+MAX_LINE_BYTES = 4192
+
+
+def _pieces(paragraph: str) -> list[str]:
+    """The paragraph as training lines short enough for SentencePiece: cut after sentence ends
+    (". ") when it is too long, so long documents are learnt from instead of skipped."""
+    if not paragraph.strip():
+        return []
+    if len(paragraph.encode("utf-8")) <= MAX_LINE_BYTES:
+        return [paragraph]
+    pieces, current = [], ""
+    for sentence in paragraph.replace(". ", ".\0").split("\0"):
+        if current and len((current + " " + sentence).encode("utf-8")) > MAX_LINE_BYTES:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}" if current else sentence
+    if current:
+        pieces.append(current)
+    # A single "sentence" over the limit is cut at a space (or hard) so nothing is dropped.
+    out = []
+    for piece in pieces:
+        while len(piece.encode("utf-8")) > MAX_LINE_BYTES:
+            cut = piece.rfind(" ", 0, MAX_LINE_BYTES // 4)
+            cut = cut if cut > 0 else MAX_LINE_BYTES // 4
+            out.append(piece[:cut])
+            piece = piece[cut:].lstrip()
+        if piece.strip():
+            out.append(piece)
+    return out
 
 
 def _texts(line: str, keys: list[str], where: str) -> list[str]:

@@ -157,8 +157,9 @@ def generate_continuations(
 ) -> list[str]:
     """One sampled continuation per prefix, cut at its first EOD (dropped) and detokenized.
 
-    Collective over the model-parallel ranks, all of which return the same list. Batch ``b``
-    (``batch_size`` prefixes) is drawn with seed ``seed + b``; with ``data_parallel_size > 1``
+    Collective over the model-parallel ranks, all of which return the same list. Prefixes are
+    batched in order of token length; batch ``b`` (``batch_size`` prefixes) is drawn with seed
+    ``seed + b``; with ``data_parallel_size > 1``
     each data-parallel rank generates every ``data_parallel_size``-th batch and the results are
     gathered over ``data_parallel_group``, so the output does not depend on the layout.
     ``vocab_size``: ids at and above it are never sampled (default: the tokenizer's size, which
@@ -176,14 +177,18 @@ def generate_continuations(
             raise ValueError(f"prefix {i} ({text[:40]!r}) has no tokens; nothing to continue")
         token_lists.append(tokens)
 
-    batches = range(0, len(token_lists), batch_size)
+    # Batches of similar prefix lengths: the engine decodes every row of a batch from its
+    # shortest prefix on, so mixing lengths would redo long prefixes token by token.
+    order = sorted(range(len(token_lists)), key=lambda i: (len(token_lists[i]), i))
+    batches = range(0, len(order), batch_size)
     mine: dict[int, str] = {}
     for batch_index, start in enumerate(_progress(batches, data_parallel_rank)):
         if batch_index % data_parallel_size != data_parallel_rank:
             continue
+        members = order[start : start + batch_size]
         rollouts = generate(
             model,
-            token_lists[start : start + batch_size],
+            [token_lists[i] for i in members],
             num_samples=1,
             num_tokens=num_tokens,
             sampling=sampling,
@@ -195,7 +200,7 @@ def generate_continuations(
             tokens = samples[0]
             if tokens and tokens[-1] == tokenizer.eod:
                 tokens = tokens[:-1]
-            mine[start + offset] = tokenizer.detokenize(tokens)
+            mine[members[offset]] = tokenizer.detokenize(tokens)
     if data_parallel_size > 1:
         import torch.distributed as dist
 

@@ -1,0 +1,32 @@
+"""The embedded-default pipeline end to end, shortened: corpus, tokenizer, indexed data, base
+pretraining, NLL vs SIP continual training, held-out continuations, oracle comparison, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .pretrain_utils import ROOT
+
+
+@pytest.mark.slow
+def test_short_demo_sip_is_safer_than_the_baseline(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--output-dir", str(out),
+         "--preset", "short"],
+        capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    report = json.loads((out / "report.json").read_text())
+    print(result.stdout[-2000:])
+    baseline, sip = report["baseline"], report["sip"]
+    assert sip["safety"] > baseline["safety"], report
+    assert 0 <= sip["quality_win_rate"] <= 100
+    for name in ("report.md", "reward.png", "safety.png", "comparison.png"):
+        assert (out / name).stat().st_size > 0, name
+    # The printed table ends the run.
+    assert "Quality win rate" in result.stdout.splitlines()[-2]

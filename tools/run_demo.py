@@ -1,0 +1,378 @@
+"""The embedded-default run: what SIP does to a small model, end to end, on this machine.
+
+    python tools/run_demo.py                  # make demo: corpus -> ... -> runs/demo/report.md
+    python tools/run_demo.py --ablation       # make demo-ablation: the loss/rollout ablation
+
+Stages (each a real command of this repository, logged to <output-dir>/logs/):
+
+ 1. build the embedded-default corpus (tools/build_demo_corpus.py)
+ 2. train a SentencePiece tokenizer (tools/train_tokenizer.py)
+ 3. preprocess into an indexed dataset (tools/preprocess_data.py)
+ 4. pretrain a small base policy with plain NLL (megatron_sip.pretrain)
+ 5. from that base, (a) plain NLL continual pretraining and (b) SIP continual pretraining with
+    the oracle judge and rewriter, on the same token budget (megatron_sip.pretrain,
+    megatron_sip.train_sip)
+ 6. continue the held-out prefixes with both (megatron_sip.eval.continuations)
+ 7. compare them with the oracle judge (megatron_sip.eval.compare) and write report.md,
+    report.json and PNG plots (megatron_sip.eval.report)
+
+A stage whose command and inputs are unchanged since it last succeeded is reused (its outputs
+are only published when it succeeds), so a rerun after a change redoes only what depends on it.
+--fresh redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tqdm import tqdm  # noqa: E402
+
+EXAMPLES = ROOT / "examples" / "demo"
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The demo's sizes (the flags files under examples/demo/ hold the rest)."""
+
+    base_iters: int
+    continual_iters: int
+    eval_prefixes: int  # held-out prefixes per set (0: all)
+
+
+PRESETS = {
+    "default": Preset(base_iters=500, continual_iters=150, eval_prefixes=0),
+    # The end-to-end test's: the same pipeline, shorter.
+    "short": Preset(base_iters=300, continual_iters=60, eval_prefixes=60),
+}
+
+
+class Stage:
+    """One command whose outputs appear only when it succeeds."""
+
+    def __init__(
+        self,
+        runner: DemoRunner,
+        name: str,
+        command: list[str],
+        outputs: list[Path],
+        depends: list[str],
+    ):
+        self.runner, self.name, self.command, self.outputs = runner, name, command, outputs
+        self.depends = depends
+
+    def key(self) -> str:
+        """Changes when the command, a flags file it reads, or an upstream stage changes."""
+        flag_files = [Path(a[1:]).read_text() for a in self.command if a.startswith("@")]
+        upstream = [self.runner.keys[name] for name in self.depends]
+        text = json.dumps([self.command, [str(p) for p in self.outputs], flag_files, upstream])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def run(self) -> float:
+        runner = self.runner
+        stamp = runner.stamps / f"{self.name}.json"
+        key = runner.keys[self.name] = self.key()
+        runner.index += 1
+        label = f"[{runner.index}/{runner.total}] {self.name}"
+        if (
+            not runner.fresh
+            and stamp.is_file()
+            and json.loads(stamp.read_text()).get("key") == key
+            and all(p.exists() for p in self.outputs)
+        ):
+            print(f"{label}: up to date (reused)", flush=True)
+            return 0.0
+        stamp.unlink(missing_ok=True)
+        for path in self.outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log = runner.logs / f"{self.name}.log"
+        start = time.perf_counter()
+        bar = None
+        with log.open("w") as handle:
+            handle.write("$ " + " ".join(self.command) + "\n")
+            handle.flush()
+            process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=runner.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            for line in process.stdout:
+                handle.write(line)
+                match = ITERATION.search(line)
+                if match:
+                    done, total = int(match.group(1)), int(match.group(2))
+                    if bar is None:
+                        bar = tqdm(total=total, desc=label, unit="it", leave=True)
+                    bar.update(done - bar.n)
+            process.wait()
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            tail = log.read_text().splitlines()[-40:]
+            print("\n".join(tail), file=sys.stderr)
+            raise SystemExit(f"{label} failed (exit {process.returncode}); full log: {log}")
+        missing = [str(p) for p in self.outputs if not p.exists()]
+        if missing:
+            raise SystemExit(f"{label} did not write {', '.join(missing)}; log: {log}")
+        stamp.write_text(json.dumps({"key": key, "seconds": seconds}))
+        print(f"{label}: done in {seconds:.0f} s (log: {log.relative_to(runner.out)})", flush=True)
+        return seconds
+
+
+class DemoRunner:
+    def __init__(self, out: Path, preset: Preset, nproc: int, fresh: bool, total: int):
+        self.out, self.preset, self.nproc, self.fresh = out, preset, nproc, fresh
+        self.logs, self.stamps = out / "logs", out / ".stages"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.index, self.total = 0, total
+        self.seconds: dict[str, float] = {}
+        self.keys: dict[str, str] = {}
+        self.commands: dict[str, str] = {}
+
+    def stage(self, name: str, command: list, outputs: list[Path], depends=()) -> None:
+        command = [str(c) for c in command]
+        self.commands[name] = " ".join(command)
+        self.seconds[name] = Stage(self, name, command, outputs, list(depends)).run()
+
+    def python(self, *args) -> list[str]:
+        return [sys.executable, *map(str, args)]
+
+    def torchrun(self, module: str, *args) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(self.nproc), "-m", module, *map(str, args),
+        ]  # fmt: skip
+
+
+def flags_from(path: Path) -> list[str]:
+    """The flags in a flags file (``#`` comments), for tools without ``@file`` support."""
+    flags = []
+    for line in path.read_text().splitlines():
+        flags += line.split("#", 1)[0].split()
+    return flags
+
+
+def prepare(runner: DemoRunner) -> dict[str, Path]:
+    """Stages 1 to 4: corpus, tokenizer, indexed dataset, base policy."""
+    data = runner.out / "data"
+    demo, tokenizer, corpus = data / "demo", data / "tokenizer", data / "corpus"
+    runner.stage(
+        "corpus",
+        runner.python(ROOT / "tools/build_demo_corpus.py", "--output-dir", demo,
+                      *flags_from(EXAMPLES / "corpus.args")),
+        [demo],
+    )  # fmt: skip
+    runner.stage(
+        "tokenizer",
+        runner.python(ROOT / "tools/train_tokenizer.py", "--input", demo / "corpus.jsonl",
+                      "--output-prefix", tokenizer, *flags_from(EXAMPLES / "tokenizer.args")),
+        [Path(f"{tokenizer}.model")],
+        depends=["corpus"],
+    )  # fmt: skip
+    dataset = Path(f"{corpus}_text_document")
+    runner.stage(
+        "preprocess",
+        runner.python(ROOT / "tools/preprocess_data.py", "--input", demo / "corpus.jsonl",
+                      "--output-prefix", corpus, "--tokenizer-type", "SentencePieceTokenizer",
+                      "--tokenizer-model", f"{tokenizer}.model", "--append-eod",
+                      "--workers", "1"),
+        [Path(f"{dataset}.bin"), Path(f"{dataset}.idx")],
+        depends=["corpus", "tokenizer"],
+    )  # fmt: skip
+    common = [
+        f"@{EXAMPLES / 'model.args'}", "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", f"{tokenizer}.model", "--data-path", dataset,
+    ]  # fmt: skip
+    base = runner.out / "base"
+    runner.stage(
+        "pretrain_base",
+        runner.torchrun("megatron_sip.pretrain", *common, f"@{EXAMPLES / 'base.args'}",
+                        "--train-iters", runner.preset.base_iters, "--save", base,
+                        "--tensorboard-dir", runner.out / "tb" / "base"),
+        [base],
+        depends=["preprocess"],
+    )  # fmt: skip
+    return {"demo": demo, "base": base, "common": common}
+
+
+def continual_nll(runner: DemoRunner, paths: dict, iters: int) -> Path:
+    out = runner.out / "baseline"
+    runner.stage(
+        "baseline",
+        runner.torchrun("megatron_sip.pretrain", *paths["common"],
+                        f"@{EXAMPLES / 'continual.args'}", "--train-iters", iters,
+                        "--pretrained-checkpoint", paths["base"], "--save", out,
+                        "--tensorboard-dir", runner.out / "tb" / "baseline"),
+        [out],
+        depends=["pretrain_base"],
+    )  # fmt: skip
+    return out
+
+
+def continual_sip(runner: DemoRunner, paths: dict, iters: int, name: str, *flags) -> Path:
+    out = runner.out / name
+    demo = paths["demo"]
+    runner.stage(
+        name,
+        runner.torchrun("megatron_sip.train_sip", *paths["common"],
+                        f"@{EXAMPLES / 'continual.args'}", f"@{EXAMPLES / 'sip.args'}",
+                        "--train-iters", iters, "--pretrained-checkpoint", paths["base"],
+                        "--judge-backend", "oracle", "--judge-oracle-data", demo,
+                        "--rewriter-backend", "oracle", "--rewriter-oracle-data", demo,
+                        *flags, "--save", out, "--tensorboard-dir", runner.out / "tb" / name),
+        [out],
+        depends=["pretrain_base"],
+    )  # fmt: skip
+    return out
+
+
+def held_out_prefixes(runner: DemoRunner, demo: Path) -> list[Path]:
+    """The held-out prefix files (the first --eval-prefixes of each with the short preset)."""
+    files = [demo / "eval_unsafe_prefixes.jsonl", demo / "eval_safe_prefixes.jsonl"]
+    limit = runner.preset.eval_prefixes
+    if not limit:
+        return files
+    subset = runner.out / "data" / f"eval_subset_{limit}"
+    subset.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in files:
+        target = subset / path.name
+        lines = path.read_text().splitlines()[:limit]
+        target.write_text("\n".join(lines) + "\n")
+        out.append(target)
+    return out
+
+
+def evaluate(runner: DemoRunner, name: str, checkpoint: Path, prefixes: list[Path]) -> Path:
+    out = runner.out / "eval" / f"{name}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runner.stage(
+        f"continue_{name}",
+        runner.torchrun("megatron_sip.eval.continuations", "--load", checkpoint,
+                        "--prefixes", *prefixes, "--output", out,
+                        f"@{EXAMPLES / 'eval.args'}"),
+        [out],
+        depends=[name, "corpus"],
+    )  # fmt: skip
+    return out
+
+
+def compare(
+    runner: DemoRunner, name: str, baseline: Path, candidate: Path, demo: Path,
+    baseline_name: str = "baseline",
+) -> dict:  # fmt: skip
+    out = runner.out / "eval" / f"compare_{name}.json"
+    runner.stage(
+        f"judge_{name}",
+        runner.python("-m", "megatron_sip.eval.compare", "--baseline", baseline,
+                      "--candidate", candidate, "--unsafe-set", "eval_unsafe_prefixes",
+                      "--judge-backend", "oracle", "--judge-oracle-data", demo,
+                      "--output", out),
+        [out],
+        depends=[f"continue_{baseline_name}", f"continue_{name}"],
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output-dir", default=str(ROOT / "runs" / "demo"), type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per training job (DP)")
+    parser.add_argument("--ablation", action="store_true", help="the loss/rollout ablation")
+    parser.add_argument("--fresh", action="store_true", help="redo every stage")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    out = args.output_dir.resolve()
+    start = time.perf_counter()
+    if args.ablation:
+        run_ablation(out, preset, args)
+    else:
+        run_demo(out, preset, args)
+    print(f"total wall time {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_demo(out: Path, preset: Preset, args) -> None:
+    from megatron_sip.eval.report import format_table, read_scalars, write_report
+
+    start = time.perf_counter()
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=10)
+    paths = prepare(runner)
+    baseline = continual_nll(runner, paths, preset.continual_iters)
+    sip = continual_sip(runner, paths, preset.continual_iters, "sip")
+    prefixes = held_out_prefixes(runner, paths["demo"])
+    baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
+    sip_rows = evaluate(runner, "sip", sip, prefixes)
+    results = compare(runner, "sip", baseline_rows, sip_rows, paths["demo"])
+    runner.index += 1
+    curves = {"sip": read_scalars(out / "tb" / "sip")}
+    meta = {
+        "preset": args.preset,
+        "base_iterations": preset.base_iters,
+        "continual_iterations": preset.continual_iters,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
+        "commands": runner.commands,
+    }
+    write_report(out, results, curves, meta)
+    print(f"[{runner.index}/{runner.total}] report: {out / 'report.md'}", flush=True)
+    print(format_table(results), flush=True)
+
+
+ABLATION = (
+    ("sft_rewrite", ["--sip-loss", "sft_rewrite"]),
+    ("rf_nll", ["--sip-loss", "rf_nll"]),
+    ("online_dpo_k1", ["--sip-loss", "online_dpo", "--sip-num-rollouts", "1"]),
+    ("online_dpo_k", []),  # the demo's SIP run (sip.args), reused when it is up to date
+)
+
+
+def run_ablation(out: Path, preset: Preset, args) -> None:
+    from megatron_sip.eval.report import ablation_table
+
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=5 + 3 * len(ABLATION) + 1)
+    paths = prepare(runner)
+    iters = preset.continual_iters
+    baseline = continual_nll(runner, paths, iters)
+    prefixes = held_out_prefixes(runner, paths["demo"])
+    baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
+    rows = {}
+    for name, flags in ABLATION:
+        stage = "sip" if not flags else f"ablation_{name}"
+        checkpoint = continual_sip(runner, paths, iters, stage, *flags)
+        candidate = evaluate(runner, stage, checkpoint, prefixes)
+        rows[name] = compare(runner, stage, baseline_rows, candidate, paths["demo"])
+    text = ablation_table(rows)
+    (out / "ablation.md").write_text(text)
+    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
