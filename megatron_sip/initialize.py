@@ -179,6 +179,15 @@ class DistributedContext:
     def world_size(self) -> int:
         return self.launch.world_size
 
+    def announce(self) -> None:
+        """Every rank says who it is: the first thing to read when a launch misbehaves."""
+        print(
+            f"rank {self.rank}/{self.world_size} ({self.launch.launcher} launch, "
+            f"{socket.gethostname()}): TP rank {self.tensor_parallel_rank} PP rank "
+            f"{self.pipeline_parallel_rank} DP rank {self.data_parallel_rank}",
+            flush=True,
+        )
+
     def describe(self) -> dict:
         return {
             "launcher": self.launch.launcher,

@@ -9,7 +9,6 @@ to make the base model for continual SIP. Runs under torchrun and under srun.
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 from megatron_sip.arguments import parse_args
 from megatron_sip.data.config import DataConfig
@@ -64,14 +63,7 @@ def main(argv=None) -> None:
         raise SystemExit("--data-path: required (an indexed dataset prefix or weighted prefixes)")
     context = initialize_distributed(configs.parallel, configs.platform.device, training.seed)
     setup_logging()
-    layout = context.describe()
-    # Every rank says who it is: the first thing to read when a launch misbehaves.
-    print(
-        f"rank {context.rank}/{context.world_size} ({layout['launcher']} launch, "
-        f"{socket.gethostname()}): TP rank {layout['tp_rank']} PP rank {layout['pp_rank']} "
-        f"DP rank {layout['dp_rank']}",
-        flush=True,
-    )
+    context.announce()
 
     tokenizer = build_tokenizer(configs.tokenizer)
     job = setup_model_and_optimizer(

@@ -14,7 +14,6 @@ EMA reference, RF-NLL, or SFT on the rewrite). Runs under torchrun and under sru
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 from megatron_sip.arguments import parse_args
 from megatron_sip.data.config import DataConfig
@@ -211,13 +210,7 @@ def main(argv=None) -> None:
         configs.parallel, configs.platform.device, configs.training.seed
     )
     setup_logging()
-    layout = context.describe()
-    print(
-        f"rank {context.rank}/{context.world_size} ({layout['launcher']} launch, "
-        f"{socket.gethostname()}): TP rank {layout['tp_rank']} PP rank {layout['pp_rank']} "
-        f"DP rank {layout['dp_rank']}",
-        flush=True,
-    )
+    context.announce()
     sip_job = build_job(configs, context)
     parallel, sip = configs.parallel, configs.sip
     run_config = {name: dataclasses.asdict(cfg) for name, cfg in vars(configs).items()}

@@ -29,4 +29,4 @@ def test_short_demo_sip_is_safer_than_the_baseline(tmp_path):
     for name in ("report.md", "reward.png", "safety.png", "comparison.png"):
         assert (out / name).stat().st_size > 0, name
     # The printed table ends the run.
-    assert "Quality win rate" in result.stdout.splitlines()[-2]
+    assert "Quality win rate" in result.stdout.splitlines()[-1]
