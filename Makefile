@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 
 install: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 ifeq ($(HAVE_GPU),1)
 	# GPU machines: reuse the system's CUDA torch (and Transformer Engine, if installed).
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,7 +21,9 @@ else
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(CPU_TORCH)
 endif
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# --no-build-isolation: the C++/CUDA op builds against the venv's torch (an isolated build
+	# would download another one).
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # The main job on its embedded default: corpus -> tokenizer -> indexed data -> base policy ->

@@ -1,6 +1,44 @@
-"""megatron-sip: Self-Improving Pretraining on Megatron-Core."""
+"""megatron-sip: Self-Improving Pretraining on Megatron-Core.
+
+Builds the batched DPO log-ratio op's C++ CPU kernel always, and its CUDA kernel when the installed
+torch has CUDA (``torch.version.cuda``) and a CUDA toolkit is found (``CUDA_HOME`` or nvcc).
+``MEGATRON_SIP_CUDA=1`` forces the CUDA build, ``=0`` skips it; ``TORCH_CUDA_ARCH_LIST`` picks the
+architectures. Build with the venv's torch: ``pip install --no-build-isolation -e .``.
+"""
+
+import os
 
 from setuptools import find_packages, setup
+
+
+def extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # metadata-only builds (no torch yet): the op falls back to torch code
+        return [], {}
+    modules = [
+        cpp_extension.CppExtension(
+            "megatron_sip._dpo_cpu",
+            ["csrc/dpo_logratio_cpu.cpp"],
+            extra_compile_args=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    wanted = os.environ.get("MEGATRON_SIP_CUDA")
+    toolkit = cpp_extension.CUDA_HOME is not None
+    if wanted == "1" or (wanted != "0" and torch.version.cuda and toolkit):
+        modules.append(
+            cpp_extension.CUDAExtension(
+                "megatron_sip._dpo_cuda",
+                ["csrc/dpo_logratio_cuda.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+            )
+        )
+    return modules, {"build_ext": cpp_extension.BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = extensions()
 
 setup(
     name="megatron-sip",
@@ -11,6 +49,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_sip", "megatron_sip.*"]),
     package_data={"megatron_sip.roles": ["prompts/*.txt"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     install_requires=[
         # Never a bare torch: on CPU machines the Makefile installs torch==2.13.0 first and pip
         # keeps it; a bare requirement could pull a multi-GB CUDA build.

@@ -50,7 +50,8 @@ def resume(checkpoint, chunks, optimizer, scheduler) -> TrainState:
         load_rng=not (checkpoint.no_load_rng or finetune),
     )
     if finetune:
-        print_rank_0(f"weights from {loaded.path} (fresh optimizer), starting at iteration 0")
+        flag = "--finetune" if source == checkpoint.load else "--pretrained-checkpoint"
+        print_rank_0(f"{flag}: weights from {loaded.path}, starting at iteration 0")
         return TrainState()
     print_rank_0(f"resuming from {loaded.path} at iteration {loaded.iteration}")
     return TrainState(loaded.iteration, loaded.extra.get("consumed_train_samples", 0))

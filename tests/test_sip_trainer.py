@@ -144,16 +144,14 @@ def test_sip_step_at_tp2_and_pp2_equals_tp1(sip_data):
             if metric.startswith(("sip/reward", "sip/chosen-share", "sip/skipped")):
                 assert runs[name]["metrics"][metric] == pytest.approx(value), (name, metric)
     out = root / "weights.pt"
-    run_ranks(_weights_worker, 1, [str(root / n) for n in ("tp1", "tp2", "pp2")], flags, str(out))
-    tp1, *others = torch.load(out)
+    checkpoints = [str(root / n) for n in ("init", "tp1", "tp2", "pp2")]
+    run_ranks(_weights_worker, 1, checkpoints, flags, str(out))
+    initial, tp1, *others = torch.load(out)
     for other in others:
         for side in ("policy", "reference"):
             for key, value in tp1[side].items():
                 torch.testing.assert_close(other[side][key], value, atol=2e-5, rtol=0)
     # The step moved the weights (the comparison is not between untouched copies).
-    init_out = root / "init_weights.pt"
-    run_ranks(_weights_worker, 1, [str(init)], flags, str(init_out))
-    (initial,) = torch.load(init_out)
     assert any(not torch.equal(initial["policy"][k], v) for k, v in tp1["policy"].items())
 
 
@@ -218,9 +216,10 @@ def test_rewrite_store_replaces_the_rewriter(sip_data):
     for tag in ("sip/loss", "sip/chosen-nll", "sip/missing-rewrites"):
         assert scalars(stored, tag) == scalars(online, tag), tag
     # A store made for other sample settings is refused, naming the setting.
-    with pytest.raises(AssertionError, match="sip_suffix_len"):
-        run_module(1, "megatron_sip.train_sip", *common, "--sip-suffix-len", "8",
-                   "--rewriter-store", str(store))  # fmt: skip
+    from megatron_sip.roles.rewrite_store import RewriteStore
+
+    with pytest.raises(ValueError, match="sip_suffix_len=12, this run has 8"):
+        RewriteStore.load(store).check_identity({"sip_suffix_len": 8}, str(store))
 
 
 def test_rewrite_store_errors_name_the_line(tmp_path):

@@ -56,7 +56,7 @@ class Preset:
 PRESETS = {
     "default": Preset(base_iters=500, continual_iters=150, eval_prefixes=0),
     # The end-to-end test's: the same pipeline, shorter.
-    "short": Preset(base_iters=300, continual_iters=60, eval_prefixes=60),
+    "short": Preset(base_iters=250, continual_iters=60, eval_prefixes=40),
 }
 
 

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a random sample of this many sentences (0: all of them)",
     )
     parser.add_argument(
+        "--split-long-lines",
+        action="store_true",
+        help="cut paragraphs longer than 4192 bytes at sentence ends into several training "
+        "lines (SentencePiece skips longer lines: without this flag they are counted and left "
+        "out)",
+    )
+    parser.add_argument(
         "--user-defined-symbols",
         nargs="+",
         default=[],
@@ -68,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_sentences(paths: list[str], keys: list[str], out) -> int:
-    """Writes one training sentence per line to ``out``; returns how many."""
+def write_sentences(paths: list[str], keys: list[str], out, split_long: bool = False) -> int:
+    """Writes one training sentence per line to ``out``; returns how many. Paragraphs longer
+    than SentencePiece takes are cut at sentence ends with ``split_long``, else counted in
+    ``write_sentences.skipped_long`` (SentencePiece leaves them out)."""
     count = 0
+    write_sentences.skipped_long = 0
     for path in paths:
         try:
             handle = open(path, "rb")
@@ -87,7 +97,13 @@ def write_sentences(paths: list[str], keys: list[str], out) -> int:
                     continue
                 for text in _texts(line, keys, where):
                     for paragraph in text.splitlines():
-                        for piece in _pieces(paragraph):
+                        if not split_long:
+                            if len(paragraph.encode("utf-8")) > MAX_LINE_BYTES:
+                                write_sentences.skipped_long += 1
+                            pieces = [paragraph] if paragraph.strip() else []
+                        else:
+                            pieces = _pieces(paragraph)
+                        for piece in pieces:
                             out.write(piece + "\n")
                             count += 1
     return count
@@ -156,7 +172,13 @@ def train(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".train_tokenizer.") as work:
         sentences = os.path.join(work, "sentences.txt")
         with open(sentences, "w", encoding="utf-8") as out:
-            count = write_sentences(args.input, args.json_keys, out)
+            count = write_sentences(args.input, args.json_keys, out, args.split_long_lines)
+        if write_sentences.skipped_long:
+            print(
+                f"warning: {write_sentences.skipped_long} paragraphs over {MAX_LINE_BYTES} bytes "
+                "are left out of training by SentencePiece (--split-long-lines keeps them)",
+                file=sys.stderr,
+            )
         if count == 0:
             raise InputError(f"{', '.join(args.input)}: no text under --json-keys")
         tmp_prefix = os.path.join(work, "model")

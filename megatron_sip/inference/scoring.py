@@ -6,10 +6,11 @@ restart at the prefix end for every candidate, so each candidate is scored exact
 followed the prefix alone while the prefix's activations are computed once instead of C times.
 The token that predicts a candidate's first token is the prefix's last one, shared by all.
 
-Log-probs come from Megatron's vocab-parallel cross entropy on the vocabulary shards, so the full
-vocabulary is never gathered at TP > 1. The same code scores the unpacked layout (one candidate per
-row), which is the reference in tests and the fallback when the model's attention cannot take an
-arbitrary mask (Transformer Engine / flash kernels): that fallback is logged.
+Log-probs come from the batched log-prob op (``megatron_sip/ops/dpo.py``) on the vocabulary
+shards, so the full vocabulary is never gathered at TP > 1 and no fp32 copy of the logits is made.
+The same code scores the unpacked layout (one candidate per row), which is the reference in tests
+and the fallback when the model's attention cannot take an arbitrary mask (Transformer Engine /
+flash kernels): that fallback is logged.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_sip.models.checkpointing import unwrap_model
+from megatron_sip.ops.dpo import target_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +202,15 @@ def candidate_log_probs(logits: torch.Tensor, packed: PackedCandidates) -> torch
     rows, per_row, length = packed.targets.shape
     index = packed.predict_from.view(rows, -1)
     selected = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    # Megatron's cross entropy works on the shard: [tokens, batch, V/TP] with global targets.
-    losses = vocab_parallel_cross_entropy(
-        selected.transpose(0, 1).contiguous().float(),
-        packed.targets.view(rows, -1).t().contiguous(),
+    # The batched log-prob op on this rank's vocabulary shard (no fp32 copy of the logits).
+    group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    vocab_start = 0
+    if group is not None:
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    values = target_log_probs(
+        selected, packed.targets.view(rows, -1), vocab_start=vocab_start, group=group
     )
-    token_log_probs = -losses.t().reshape(rows, per_row, length) * packed.mask
+    token_log_probs = values.reshape(rows, per_row, length) * packed.mask
     return token_log_probs.view(*packed.candidate_shape, length)
 
 

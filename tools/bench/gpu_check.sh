@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# GPU check of the batched DPO log-ratio op: build the C++/CUDA extensions in place, run the op's
+# tests (the CUDA ones run only here), then its benchmark on the GPU.
+#
+#   bash tools/bench/gpu_check.sh            # from anywhere; works in the repository root
+#
+# Made for the lent GPU machines (Python 3.12, a CUDA torch, no network, no megatron-core): run
+# from the repository root. Megatron-Core is needed by parts of the package, not by the op; when
+# it is missing and its cp312 wheel was carried along (in shared/ or the repository root), it is
+# installed without dependencies (it needs only torch, numpy and packaging, already there):
+#   python -m pip install --no-deps shared/megatron_core-0.16.1-cp312-*manylinux_2_28_x86_64.whl
+# Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible GPU's), MAX_JOBS.
+# Every step runs even when an earlier one fails (except after a failed build); the summary table
+# comes last and the exit status is non-zero when any step failed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python3}
+LOG_DIR=$(mktemp -d)
+trap 'rm -rf "$LOG_DIR"' EXIT
+declare -a STEPS=() RESULTS=() TIMES=()
+
+# run_step NAME COMMAND...: runs the command with its output shown and kept in $LOG_DIR/NAME.log.
+run_step() {
+  local name=$1 start rc=0
+  shift
+  echo "== $name: $*"
+  start=$(date +%s)
+  "$@" 2>&1 | tee "$LOG_DIR/$name.log" || rc=$?
+  STEPS+=("$name")
+  TIMES+=("$(( $(date +%s) - start ))")
+  if [ "$rc" -eq 0 ]; then RESULTS+=("ok"); else RESULTS+=("FAILED (rc=$rc)"); fi
+  return "$rc"
+}
+
+summary() {
+  echo
+  echo "== summary"
+  printf '%-10s %-18s %s\n' step result seconds
+  local i
+  for i in "${!STEPS[@]}"; do
+    printf '%-10s %-18s %s\n' "${STEPS[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+  done
+}
+
+echo "== nvidia-smi -L"
+nvidia-smi -L
+"$PYTHON" - <<'PY'
+import sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"GPU available: {torch.cuda.is_available()}")
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch")
+PY
+
+if ! "$PYTHON" -c 'import megatron.core' >/dev/null 2>&1; then
+  wheel=""
+  for candidate in shared/megatron_core-*.whl megatron_core-*.whl; do
+    if [ -f "$candidate" ]; then wheel=$candidate; break; fi
+  done
+  if [ -n "$wheel" ]; then
+    echo "== installing $wheel (no dependencies)"
+    "$PYTHON" -m pip install --quiet --no-deps "$wheel"
+  else
+    echo "note: megatron-core is not installed and no megatron_core-*.whl was carried"
+  fi
+fi
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c \
+    'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  export TORCH_CUDA_ARCH_LIST
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+status=0
+if ! run_step build env MEGATRON_SIP_CUDA=1 "$PYTHON" setup.py build_ext --inplace; then
+  summary
+  exit 1
+fi
+run_step import "$PYTHON" -c \
+  'import torch, megatron_sip._dpo_cpu, megatron_sip._dpo_cuda as m; print("loaded", m.__file__)' \
+  || status=1
+run_step tests "$PYTHON" -m pytest -q tests/test_dpo_op.py || status=1
+run_step bench "$PYTHON" tools/bench/bench_dpo_logratio.py --device cuda || status=1
+
+echo
+echo "== bench: last JSON line"
+last_json=$(grep -E '^\s*[{[]' "$LOG_DIR/bench.log" 2>/dev/null | tail -n 1 || true)
+if [ -n "$last_json" ]; then
+  echo "$last_json"
+  # A flat key/value view of it (nested fields as dotted paths).
+  LAST_JSON=$last_json "$PYTHON" - <<'PY' || true
+import json, os
+
+def flat(value, prefix=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from flat(item, f"{prefix}{key}.")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from flat(item, f"{prefix}{index}.")
+    else:
+        yield prefix[:-1], value
+
+for key, value in flat(json.loads(os.environ["LAST_JSON"])):
+    print(f"  {key:<48} {value:.6g}" if isinstance(value, float) else f"  {key:<48} {value}")
+PY
+else
+  echo "(none)"
+fi
+
+summary
+exit "$status"
