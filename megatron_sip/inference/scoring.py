@@ -20,13 +20,16 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from functools import partial
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_sip.models.checkpointing import unwrap_model
 from megatron_sip.ops.dpo import target_log_probs
+from megatron_sip.ops.fused_linear import fused_linear_target_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -188,28 +191,68 @@ def layout_length(model, prefixes, candidates) -> int:
     return max(len(p) + len(c) for p, cands in zip(prefixes, candidates) for c in cands)
 
 
-def forward_packed(model, packed: PackedCandidates, **kwargs):
-    """The model over the packed rows: vocab-parallel logits [B, S, V/TP] on the last stage
-    (hidden states on the others). Used as the body of a Megatron forward step."""
+class _HiddenStatesOut(torch.nn.Module):
+    """Stands in for GPTModel.output_layer: returns its input (the final hidden states, gathered
+    from sequence-parallel shards) instead of logits, so the log-prob op can make the logits
+    chunk by chunk itself."""
+
+    def __init__(self, output_layer: torch.nn.Module):
+        super().__init__()
+        self.output_layer = output_layer
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        del weight, runtime_gather_output
+        if getattr(self.output_layer, "sequence_parallel", False):
+            # The op all-reduces the hidden states' gradient itself: split, not reduce-scatter.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden, None
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's output-layer weight shard [V/TP, H] (the embedding when they are tied)."""
     module = unwrap_model(model)
-    with _positions_for_rope(module, packed.position_ids):
+    if module.share_embeddings_and_output_weights:
+        return module.shared_embedding_or_output_weight()
+    return module.output_layer.weight
+
+
+def forward_packed(model, packed: PackedCandidates, *, hidden_states: bool = False, **kwargs):
+    """The model over the packed rows: vocab-parallel logits [B, S, V/TP] on the last stage, or
+    with ``hidden_states`` the final hidden states [B, S, H] there (for
+    :func:`candidate_log_probs` with ``weight``); hidden states on the other stages. Used as the
+    body of a Megatron forward step."""
+    module = unwrap_model(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_positions_for_rope(module, packed.position_ids))
+        if hidden_states and module.post_process:
+            layer = module.output_layer
+            module.output_layer = _HiddenStatesOut(layer)
+            stack.callback(setattr, module, "output_layer", layer)
         return model(packed.tokens, packed.position_ids, packed.attention_mask, **kwargs)
 
 
-def candidate_log_probs(logits: torch.Tensor, packed: PackedCandidates) -> torch.Tensor:
+def candidate_log_probs(
+    output: torch.Tensor, packed: PackedCandidates, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-token log-probs ``[B, C, N]`` (0 on padding) from vocab-parallel logits [R, S, V/TP]
-    (R = B rows packed, B*C rows unpacked)."""
+    (R = B rows packed, B*C rows unpacked), or, with the output-layer ``weight`` shard, from the
+    final hidden states [R, S, H] (the fused path: logits made chunk by chunk, never whole)."""
     rows, per_row, length = packed.targets.shape
     index = packed.predict_from.view(rows, -1)
-    selected = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    # The batched log-prob op on this rank's vocabulary shard (no fp32 copy of the logits).
+    selected = output.gather(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
     group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    shard = weight.shape[0] if weight is not None else output.shape[-1]
     vocab_start = 0
     if group is not None:
-        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    values = target_log_probs(
-        selected, packed.targets.view(rows, -1), vocab_start=vocab_start, group=group
-    )
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * shard
+    targets = packed.targets.view(rows, -1)
+    if weight is not None:
+        values = fused_linear_target_log_probs(
+            selected, weight, targets, vocab_start=vocab_start, group=group
+        )
+    else:
+        # The batched log-prob op on this rank's vocabulary shard (no fp32 copy of the logits).
+        values = target_log_probs(selected, targets, vocab_start=vocab_start, group=group)
     token_log_probs = values.reshape(rows, per_row, length) * packed.mask
     return token_log_probs.view(*packed.candidate_shape, length)
 

@@ -23,7 +23,9 @@ from megatron_sip.inference.scoring import (
     forward_packed,
     layout_for,
     layout_length,
+    output_weight,
 )
+from megatron_sip.models.checkpointing import unwrap_model
 from megatron_sip.training.sip.candidates import ScoredSample
 from megatron_sip.training.sip.config import SIPConfig
 from megatron_sip.training.sip.losses import dpo_loss
@@ -85,24 +87,36 @@ def build_micro_batches(
     return micro_batches, length
 
 
-def _reference_loss(packed: PackedCandidates, logits: torch.Tensor):
-    sequences = candidate_log_probs(logits, packed).sum(-1)
-    one = torch.ones((), dtype=torch.int, device=logits.device)
-    return torch.zeros((), device=logits.device), one, {"reference": sequences.detach()}
+def forward_candidates(model, packed: PackedCandidates, fused: bool):
+    """The model's output for the packed rows and the output-layer weight the loss needs with
+    the fused log-prob path (None: the output is logits)."""
+    if not fused:
+        return forward_packed(model, packed), None
+    weight = output_weight(model) if unwrap_model(model).post_process else None
+    return forward_packed(model, packed, hidden_states=True), weight
 
 
-def _reference_step(data_iterator, model):
+def _reference_loss(packed: PackedCandidates, weight, output: torch.Tensor):
+    sequences = candidate_log_probs(output, packed, weight).sum(-1)
+    one = torch.ones((), dtype=torch.int, device=output.device)
+    return torch.zeros((), device=output.device), one, {"reference": sequences.detach()}
+
+
+def _reference_step(fused: bool, data_iterator, model):
     batch = next(data_iterator)
-    return forward_packed(model, batch.packed), partial(_reference_loss, batch.packed)
+    output, weight = forward_candidates(model, batch.packed, fused)
+    return output, partial(_reference_loss, batch.packed, weight)
 
 
 @torch.no_grad()
-def attach_reference_log_probs(reference_module, micro_batches: list[SIPMicroBatch], length: int):
+def attach_reference_log_probs(
+    reference_module, micro_batches: list[SIPMicroBatch], length: int, fused: bool = False
+):
     """Runs the reference over the micro-batches (forward-only pipeline schedule) and stores its
     sequence log-probs in each micro-batch on the last stage."""
     rows = micro_batches[0].packed.tokens.shape[0]
     reports = forward_backward(
-        _reference_step,
+        partial(_reference_step, fused),
         iter(micro_batches),
         [reference_module],
         num_microbatches=len(micro_batches),
@@ -114,11 +128,12 @@ def attach_reference_log_probs(reference_module, micro_batches: list[SIPMicroBat
         batch.reference = report["reference"]
 
 
-def sip_loss(sip: SIPConfig, batch: SIPMicroBatch, logits: torch.Tensor):
+def sip_loss(sip: SIPConfig, batch: SIPMicroBatch, weight, output: torch.Tensor):
     """``(loss, 1, reports)`` for one micro-batch: the loss is already a per-micro-batch mean
-    (per pair for DPO, per token for NLL), so the schedule only averages over micro-batches."""
+    (per pair for DPO, per token for NLL), so the schedule only averages over micro-batches.
+    ``output``: logits, or hidden states with the output-layer ``weight`` (fused path)."""
     packed, weights = batch.packed, batch.weights
-    token_log_probs = candidate_log_probs(logits, packed)  # [B, C, N]
+    token_log_probs = candidate_log_probs(output, packed, weight)  # [B, C, N]
     sequences = token_log_probs.sum(-1)
     counts = packed.mask.view(*packed.candidate_shape, -1).sum(-1)  # [B, C] tokens
     used = weights.sum()
@@ -152,6 +167,7 @@ def sip_loss(sip: SIPConfig, batch: SIPMicroBatch, logits: torch.Tensor):
     return loss, torch.ones((), dtype=torch.int, device=loss.device), reports
 
 
-def sip_forward_step(sip: SIPConfig, data_iterator, model):
+def sip_forward_step(sip: SIPConfig, fused: bool, data_iterator, model):
     batch = next(data_iterator)
-    return forward_packed(model, batch.packed), partial(sip_loss, sip, batch)
+    output, weight = forward_candidates(model, batch.packed, fused)
+    return output, partial(sip_loss, sip, batch, weight)

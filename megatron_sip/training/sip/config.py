@@ -46,8 +46,23 @@ class SIPConfig:
     sip_ref_ema_decay: float = 0.99
     """theta_ref <- a * theta_ref + (1 - a) * theta: 1.0 freezes it, 0.0 copies the policy."""
 
+    sip_fused_logprob: Literal["auto", "on", "off"] = "auto"
+    """Candidate log-probs from the final hidden states and the output-layer weight shard, the
+    logits made chunk by chunk inside the log-prob op (memory bounded by the chunk, not by all
+    candidate tokens x vocabulary): on, off (the model's logits), or auto (on where the op's
+    kernel for the device is built)."""
+
+    def fused_logprob(self, device_type: str) -> bool:
+        """Whether the fused path is used on a device of this type."""
+        if self.sip_fused_logprob != "auto":
+            return self.sip_fused_logprob == "on"
+        from megatron_sip.ops.dpo import kernel_module
+
+        return kernel_module("cuda" if device_type == "cuda" else "cpu") is not None
+
     def __post_init__(self):
         require_choice("--sip-loss", self.sip_loss, SIP_LOSSES)
+        require_choice("--sip-fused-logprob", self.sip_fused_logprob, ("auto", "on", "off"))
         require_positive("--sip-num-rollouts", self.sip_num_rollouts)
         require_positive("--sip-ref-update-interval", self.sip_ref_update_interval)
         if not 0.0 <= self.sip_ref_ema_decay <= 1.0:

@@ -111,14 +111,15 @@ class SIPTrainer:
             device=self.device,
         )
         rows = batches[0].packed.tokens.shape[0]
+        fused = self.sip.fused_logprob(self.device.type if self.device is not None else "cpu")
         positions = sum(b.packed.tokens.numel() for b in batches)
         if self.sip.sip_loss == "online_dpo":
             with PhaseTimer(times, "reference") as timer:
-                attach_reference_log_probs(self.reference.module, batches, length)
+                attach_reference_log_probs(self.reference.module, batches, length, fused)
                 timer.tokens = positions
         with PhaseTimer(times, "policy_update") as timer:
             result = train_step(
-                partial(sip_forward_step, self.sip),
+                partial(sip_forward_step, self.sip, fused),
                 iter(batches),
                 self.job.model_chunks,
                 self.job.optimizer,
