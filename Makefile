@@ -36,7 +36,7 @@ demo-ablation: $(STAMP)
 	$(PY) tools/run_demo.py --output-dir runs/demo --ablation
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Skips the multi-process end-to-end tests (CI runs them through `make test`).
 test-fast: $(STAMP)
