@@ -9,7 +9,12 @@ grad) -> masked per-sequence target log-prob sums -> DPO loss over S/2 (chosen, 
 
   naive     log_softmax + gather + sums in fp32 (what a straightforward loss does)
   compiled  torch.compile of naive (GPU only)
+  liger     Liger-Kernel's cross entropy (reduction="none", masked tokens as ignore_index; it
+            writes the gradient into the logits in the forward pass), GPU only, where importable
   ours      megatron_sip.ops.dpo (the C++ or CUDA kernel)
+
+Before timing, every variant runs once on a fresh copy of the inputs and its loss and policy
+gradient are compared with naive's (printed, and in the JSON as loss_error and grad_error).
 
 Time: the median of --repeats runs after --warmup. Peak memory above the inputs: on GPU
 torch.cuda.max_memory_allocated; on CPU each variant runs once in a fresh process and reports
@@ -57,18 +62,23 @@ def make_inputs(args, device):
     return policy.requires_grad_(), reference, targets, mask
 
 
+def dpo_backward(sequence_sums, policy, reference, beta):
+    """The DPO loss over (even, odd) sequence pairs from per-sequence log-prob sums, backward."""
+    with torch.no_grad():
+        ref = sequence_sums(reference)
+    lp = sequence_sums(policy)
+    margins = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
+    loss = -torch.nn.functional.logsigmoid(beta * margins).sum()
+    loss.backward()
+    return loss
+
+
 def naive_step(policy, reference, targets, mask, beta=0.1):
     def sums(logits):
         token = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         return (token * mask).sum(-1)
 
-    with torch.no_grad():
-        ref = sums(reference)
-    lp = sums(policy)
-    margins = (lp[0::2] - ref[0::2]) - (lp[1::2] - ref[1::2])
-    loss = -torch.nn.functional.logsigmoid(beta * margins).sum()
-    loss.backward()
-    return loss
+    return dpo_backward(sums, policy, reference, beta)
 
 
 def ours_step(policy, reference, targets, mask, beta=0.1):
@@ -82,11 +92,70 @@ def ours_step(policy, reference, targets, mask, beta=0.1):
     return loss
 
 
+IGNORE_INDEX = -100
+
+
+def cross_entropy_step(cross_entropy):
+    """The DPO step with per-token log-probs from ``cross_entropy(logits2d, targets1d,
+    ignore_index=, reduction="none")`` (Liger-Kernel's, or torch's in the tests)."""
+
+    def step(policy, reference, targets, mask, beta=0.1):
+        vocab = policy.shape[-1]
+        flat_targets = targets.masked_fill(mask == 0, IGNORE_INDEX).reshape(-1)
+
+        def sums(logits):
+            token = -cross_entropy(
+                logits.reshape(-1, vocab), flat_targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            return (token.float().view(mask.shape) * mask).sum(-1)
+
+        return dpo_backward(sums, policy, reference, beta)
+
+    return step
+
+
+def liger_cross_entropy():
+    """Liger-Kernel's functional cross entropy, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy as function
+    except ImportError:
+        return None
+    return function
+
+
 def variants(device):
-    found = {"naive": naive_step, "ours": ours_step}
+    found = {"naive": naive_step}
     if device == "cuda":
         found["compiled"] = torch.compile(naive_step)
+        liger = liger_cross_entropy()
+        if liger is not None:
+            found["liger"] = cross_entropy_step(liger)
+        else:
+            print("liger: not measured (liger_kernel is not importable)", flush=True)
+    found["ours"] = ours_step
     return found
+
+
+def check_against_naive(steps, inputs):
+    """Runs each variant once on a fresh copy of the policy logits (Liger overwrites them) and
+    returns {name: (max |loss - naive's|, max |grad - naive's| / max |naive's grad|)}."""
+
+    def run(step):
+        policy = inputs[0].detach().clone().requires_grad_()
+        loss = step(policy, *inputs[1:])
+        return loss.detach().float(), policy.grad
+
+    naive_loss, naive_grad = run(steps["naive"])
+    scale = naive_grad.float().abs().max().clamp_min(1e-30)
+    errors = {}
+    for name, step in steps.items():
+        if name == "naive":
+            continue
+        loss, grad = run(step)
+        grad_error = (grad.float() - naive_grad.float()).abs().max() / scale
+        errors[name] = ((loss - naive_loss).abs().item(), grad_error.item())
+        del grad
+    return errors
 
 
 def sync(device):
@@ -115,6 +184,23 @@ def time_variant(step, inputs, device, warmup, repeats):
             step(*inputs)
             times.append(time.perf_counter() - begin)
     return statistics.median(times)
+
+
+def measure(step, inputs, args, name) -> dict:
+    """Median seconds of ``step`` and its peak memory above the inputs."""
+    device = args.device
+    seconds = time_variant(step, inputs, device, args.warmup, args.repeats)
+    if device == "cuda":
+        inputs[0].grad = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(*inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = cpu_peak_memory(args, name)
+    return {"seconds": seconds, "peak_bytes": peak}
 
 
 def _status_bytes(field: str) -> int:
@@ -180,6 +266,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--check-sequences",
+        type=int,
+        default=16,
+        help="sequences (an even number) on which each variant is compared with naive",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
@@ -202,27 +294,51 @@ def main(argv=None) -> None:
         f"({torch.get_num_threads()} threads): logits {logits_bytes / 2**20:.0f} MiB each",
         flush=True,
     )
+    steps = variants(device)
+    # A pair-aligned slice keeps the check's extra copies small next to the timed runs.
+    check_inputs = tuple(tensor[: args.check_sequences] for tensor in inputs)
+    errors = check_against_naive(steps, check_inputs)
+    for name, (loss_error, grad_error) in errors.items():
+        print(
+            f"{name:>9}: |loss - naive| {loss_error:.3g}, max |grad - naive| / max |grad| "
+            f"{grad_error:.3g} (first {args.check_sequences} sequences)",
+            flush=True,
+        )
     results = {}
-    for name, step in variants(device).items():
-        seconds = time_variant(step, inputs, device, args.warmup, args.repeats)
-        if device == "cuda":
+    for name, step in steps.items():
+        variant_inputs = inputs
+        if name == "liger":
+            # Liger writes its gradient into the policy logits: time it on a copy of them.
+            variant_inputs = (inputs[0].detach().clone().requires_grad_(), *inputs[1:])
+        try:
+            results[name] = measure(step, variant_inputs, args, name)
+        except torch.OutOfMemoryError:
+            # The naive variants may not fit where ours does (an H100 at the default sizes).
+            results[name] = {"seconds": None, "peak_bytes": None, "error": "out of memory"}
+            print(f"{name:>9}: out of memory", flush=True)
+        finally:
             inputs[0].grad = None
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(*inputs)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = cpu_peak_memory(args, name)
-        results[name] = {"seconds": seconds, "peak_bytes": peak}
-        print(f"{name:>9}: {seconds * 1000:9.1f} ms  peak +{peak / 2**20:8.1f} MiB", flush=True)
+            del variant_inputs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if name in errors:
+            results[name]["loss_error"], results[name]["grad_error"] = errors[name]
+        if results[name]["seconds"] is not None:
+            print(
+                f"{name:>9}: {results[name]['seconds'] * 1000:9.1f} ms  "
+                f"peak +{results[name]['peak_bytes'] / 2**20:8.1f} MiB",
+                flush=True,
+            )
     ours, naive = results["ours"], results["naive"]
+    if ours["seconds"] is None:
+        raise SystemExit("ours ran out of memory: use smaller --sequences")
+    fits = naive["seconds"] is not None
     summary = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "sizes": {k: getattr(args, k) for k in ("sequences", "tokens", "vocab", "dtype")},
-        "speedup": naive["seconds"] / ours["seconds"],
-        "peak_memory_ratio": naive["peak_bytes"] / max(ours["peak_bytes"], 1),
+        # null where naive ran out of memory: there is no time to compare with.
+        "speedup": naive["seconds"] / ours["seconds"] if fits else None,
+        "peak_memory_ratio": naive["peak_bytes"] / max(ours["peak_bytes"], 1) if fits else None,
         "results": results,
     }
     if device == "cuda":
@@ -230,8 +346,11 @@ def main(argv=None) -> None:
         achieved = 4 * logits_bytes / ours["seconds"]
         summary["copy_bandwidth_gbs"] = bandwidth / 1e9
         summary["bandwidth_fraction"] = achieved / bandwidth
+        # A variant that ran out of memory counts as slower.
         summary["fastest"] = all(
-            ours["seconds"] <= r["seconds"] for n, r in results.items() if n != "ours"
+            r["seconds"] is None or ours["seconds"] <= r["seconds"]
+            for n, r in results.items()
+            if n != "ours"
         )
         print(
             f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; ours moves {4 * logits_bytes / 2**30:.2f}"

@@ -9,6 +9,8 @@
 # it is missing and its cp312 wheel was carried along (in shared/ or the repository root), it is
 # installed without dependencies (it needs only torch, numpy and packaging, already there):
 #   python -m pip install --no-deps shared/megatron_core-0.16.1-cp312-*manylinux_2_28_x86_64.whl
+# Likewise a carried liger_kernel-*.whl (pure Python; triton comes with CUDA torch) is installed so
+# the benchmark also measures Liger-Kernel's cross entropy; without it that variant is skipped.
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible GPU's), MAX_JOBS.
 # Every step runs even when an earlier one fails (except after a failed build); the summary table
 # comes last and the exit status is non-zero when any step failed.
@@ -66,6 +68,16 @@ if ! "$PYTHON" -c 'import megatron.core' >/dev/null 2>&1; then
   fi
 fi
 
+if ! "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
+  for candidate in shared/liger_kernel-*.whl liger_kernel-*.whl; do
+    if [ -f "$candidate" ]; then
+      echo "== installing $candidate (no dependencies)"
+      "$PYTHON" -m pip install --quiet --no-deps "$candidate" || echo "note: $candidate failed"
+      break
+    fi
+  done
+fi
+
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c \
     'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
@@ -81,7 +93,8 @@ fi
 run_step import "$PYTHON" -c \
   'import torch, megatron_sip._dpo_cpu, megatron_sip._dpo_cuda as m; print("loaded", m.__file__)' \
   || status=1
-run_step tests "$PYTHON" -m pytest -q tests/test_dpo_op.py || status=1
+run_step tests "$PYTHON" -m pytest -q tests/test_dpo_op.py tests/test_fused_linear.py tests/test_bench_dpo_logratio.py \
+  || status=1
 run_step bench "$PYTHON" tools/bench/bench_dpo_logratio.py --device cuda || status=1
 
 echo
