@@ -16,9 +16,10 @@ Stages (each a real command of this repository, logged to <output-dir>/logs/):
  7. compare them with the oracle judge (megatron_sip.eval.compare) and write report.md,
     report.json and PNG plots (megatron_sip.eval.report)
 
-A stage whose command and inputs are unchanged since it last succeeded is reused (its outputs
-are only published when it succeeds), so a rerun after a change redoes only what depends on it.
---fresh redoes everything.
+A stage whose command, flags files, code and inputs are unchanged since it last succeeded is
+reused (its outputs are only published when it succeeds), so a rerun after a change redoes only
+what depends on it. Code is the package (megatron_sip/, csrc/) and the stage's own tools/ script:
+a change there redoes the stage. --fresh redoes everything.
 """
 
 from __future__ import annotations
@@ -75,10 +76,15 @@ class Stage:
         self.depends = depends
 
     def key(self) -> str:
-        """Changes when the command, a flags file it reads, or an upstream stage changes."""
+        """Changes when the command, a flags file it reads, the code it runs or an upstream
+        stage changes."""
         flag_files = [Path(a[1:]).read_text() for a in self.command if a.startswith("@")]
+        scripts = [Path(a) for a in self.command if a.endswith(".py") and Path(a).is_file()]
+        code = [self.runner.package_fingerprint, _fingerprint(scripts)]
         upstream = [self.runner.keys[name] for name in self.depends]
-        text = json.dumps([self.command, [str(p) for p in self.outputs], flag_files, upstream])
+        text = json.dumps(
+            [self.command, [str(p) for p in self.outputs], flag_files, code, upstream]
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def run(self) -> float:
@@ -140,9 +146,25 @@ class Stage:
         return seconds
 
 
+def _fingerprint(files) -> str:
+    """A hash of the files' paths and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# The package's source: every stage runs some of it. Built extensions and caches are not source.
+PACKAGE_SOURCES = ("megatron_sip/**/*.py", "csrc/*.cpp", "csrc/*.cu", "csrc/*.h")
+
+
 class DemoRunner:
     def __init__(self, out: Path, preset: Preset, nproc: int, fresh: bool, total: int):
         self.out, self.preset, self.nproc, self.fresh = out, preset, nproc, fresh
+        self.package_fingerprint = _fingerprint(
+            {path for pattern in PACKAGE_SOURCES for path in ROOT.glob(pattern)}
+        )
         self.logs, self.stamps = out / "logs", out / ".stages"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.stamps.mkdir(parents=True, exist_ok=True)
