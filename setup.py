@@ -21,6 +21,7 @@ def extensions():
         cpp_extension.CppExtension(
             "megatron_sip._dpo_cpu",
             ["csrc/dpo_logratio_cpu.cpp"],
+            depends=["csrc/dpo_logratio_checks.h"],
             extra_compile_args=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )
@@ -32,7 +33,8 @@ def extensions():
             cpp_extension.CUDAExtension(
                 "megatron_sip._dpo_cuda",
                 ["csrc/dpo_logratio_cuda.cu"],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+                depends=["csrc/dpo_logratio_checks.h"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
             )
         )
     return modules, {"build_ext": cpp_extension.BuildExtension}

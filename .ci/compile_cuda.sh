@@ -2,8 +2,8 @@
 # Compile-only check of the CUDA op (csrc/dpo_logratio_cuda.cu) for sm_90 with the local nvcc.
 # CPU machines have nvcc but a CPU torch (no libtorch_cuda): the .cu is compiled (`nvcc -c`), never
 # linked or run; GPU machines build and test it through tools/bench/gpu_check.sh.
-# Flags mirror torch.utils.cpp_extension's CUDAExtension build (plus setup.py's -O3
-# --use_fast_math); -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for a header the CPU wheel lacks.
+# Flags mirror torch.utils.cpp_extension's CUDAExtension build (plus setup.py's -O3);
+# -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for a header the CPU wheel lacks.
 # Env: PYTHON (default .venv/bin/python), NVCC (default /usr/local/cuda/bin/nvcc),
 #      CUDA_ARCH (default 90).
 set -euo pipefail
@@ -33,7 +33,7 @@ trap 'rm -rf "$OUT_DIR"' EXIT
 echo "nvcc -c $SOURCE (sm_$CUDA_ARCH) ..."
 start=$(date +%s)
 "$NVCC" -c "$SOURCE" -o "$OUT_DIR/dpo_logratio_cuda.o" \
-  -std=c++20 -O3 --use_fast_math -Xcompiler -fPIC \
+  -std=c++20 -O3 -Xcompiler -fPIC \
   -gencode "arch=compute_${CUDA_ARCH},code=sm_${CUDA_ARCH}" \
   -D_GLIBCXX_USE_CXX11_ABI="$CXX11_ABI" -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_dpo_cuda \

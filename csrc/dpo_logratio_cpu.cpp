@@ -3,11 +3,15 @@
 // For N rows of logits over this rank's vocabulary shard [vocab_start, vocab_start + V):
 //   stats:    per row (max, sum of exp(x - max), the target's logit or 0 when another shard holds
 //             it), fp32 accumulation from fp32 or bf16 loads; one pass for the max, one for the sum.
-//   backward: grad[n, v] = g[n] * (onehot(y[n])[v] - exp(x[n, v] - lse[n])), written in the logits'
-//             dtype, with no fp32 copy of the logits and no stored softmax.
+//   backward: grad[n, v] = g[n] * (onehot(y[n])[v] - exp((x[n, v] - max[n]) - logsum[n])), written
+//             in the logits' dtype, with no fp32 copy of the logits and no stored softmax. The max
+//             and the log-sum stay apart: their sum (the lse) would be rounded at the magnitude of
+//             the logits, and that error would reach every gradient element.
 // Rows are split over threads with at::parallel_for; the inner loops run over contiguous memory
 // as SIMD loops (OpenMP simd reductions) with a branch-free exp the compiler can vectorise.
 #include <torch/extension.h>
+
+#include "dpo_logratio_checks.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -36,7 +40,7 @@ inline void store(uint16_t* out, const float value) {
   *out = static_cast<uint16_t>(bits >> 16);
 }
 
-// exp(x) for x <= 0 (the only arguments here: logits minus their max or lse), branch-free:
+// exp(x) for x <= 0 (the only arguments here: logits minus their max, then the log-sum), branch-free:
 // x = (n + f) ln 2 with n = round(x / ln 2), |f| <= 1/2, 2^f by its Taylor series to degree 7
 // (relative error < 1e-8, below fp32 rounding), 2^n through the exponent bits.
 inline float exp_nonpositive(float x) {
@@ -81,15 +85,16 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t rows, in
 }
 
 template <typename scalar_t>
-void backward_rows(const scalar_t* logits, const int64_t* targets, const float* lse,
-                   const float* grad, int64_t rows, int64_t vocab, int64_t vocab_start,
-                   scalar_t* out) {
+void backward_rows(const scalar_t* logits, const int64_t* targets, const float* maxima,
+                   const float* log_sums, const float* grad, int64_t rows, int64_t vocab,
+                   int64_t vocab_start, scalar_t* out) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* __restrict__ row = logits + n * vocab;
       scalar_t* __restrict__ grad_row = out + n * vocab;
       const float g = grad[n];
-      const float shift = lse[n];
+      const float maximum = maxima[n];
+      const float log_sum = log_sums[n];
       if (g == 0.f) {
         for (int64_t v = 0; v < vocab; ++v) store(grad_row + v, 0.f);
         continue;
@@ -97,11 +102,12 @@ void backward_rows(const scalar_t* logits, const int64_t* targets, const float* 
 #pragma omp simd
       for (int64_t v = 0; v < vocab; ++v) {
         const float x = load(row[v]);
-        store(grad_row + v, -g * exp_nonpositive(x - shift));
+        store(grad_row + v, -g * exp_nonpositive((x - maximum) - log_sum));
       }
       const int64_t local = targets[n] - vocab_start;
       if (local >= 0 && local < vocab) {
-        store(grad_row + local, g * (1.f - exp_nonpositive(load(row[local]) - shift)));
+        store(grad_row + local,
+              g * (1.f - exp_nonpositive((load(row[local]) - maximum) - log_sum)));
       }
     }
   });
@@ -136,25 +142,22 @@ void stats(const torch::Tensor& logits, const torch::Tensor& targets, int64_t vo
   }
 }
 
-// grad_out = grad[:, None] * (onehot(targets) - exp(logits - lse[:, None])), in the logits' dtype.
+// grad_out = grad[:, None] * (onehot(targets) - exp((logits - max[:, None]) - log_sum[:, None])),
+// in the logits' dtype.
 void backward(const torch::Tensor& logits, const torch::Tensor& targets, int64_t vocab_start,
-              const torch::Tensor& lse, const torch::Tensor& grad, torch::Tensor& grad_out) {
+              const torch::Tensor& maxima, const torch::Tensor& log_sums, const torch::Tensor& grad,
+              torch::Tensor& grad_out) {
   check(logits, targets);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.is_contiguous() && lse.numel() == rows,
-              "lse: contiguous float32 [rows]");
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.is_contiguous() && grad.numel() == rows,
-              "grad: contiguous float32 [rows]");
-  TORCH_CHECK(grad_out.scalar_type() == logits.scalar_type() && grad_out.is_contiguous() &&
-                  grad_out.sizes() == logits.sizes(),
-              "grad_out: contiguous, the logits' shape and dtype");
+  dpo_logratio::check_backward(logits, maxima, log_sums, grad, grad_out);
   if (logits.scalar_type() == torch::kFloat) {
-    backward_rows(logits.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                  grad.data_ptr<float>(), rows, vocab, vocab_start, grad_out.data_ptr<float>());
+    backward_rows(logits.data_ptr<float>(), targets.data_ptr<int64_t>(), maxima.data_ptr<float>(),
+                  log_sums.data_ptr<float>(), grad.data_ptr<float>(), rows, vocab, vocab_start,
+                  grad_out.data_ptr<float>());
   } else {
     backward_rows(reinterpret_cast<const uint16_t*>(logits.data_ptr<c10::BFloat16>()),
-                  targets.data_ptr<int64_t>(), lse.data_ptr<float>(), grad.data_ptr<float>(), rows,
-                  vocab, vocab_start,
+                  targets.data_ptr<int64_t>(), maxima.data_ptr<float>(), log_sums.data_ptr<float>(),
+                  grad.data_ptr<float>(), rows, vocab, vocab_start,
                   reinterpret_cast<uint16_t*>(grad_out.data_ptr<c10::BFloat16>()));
   }
 }

@@ -6,14 +6,18 @@
 //             it), in ONE read of the row: each thread keeps a running (max, sum) pair that it
 //             rescales when the max grows (online softmax), the pairs are merged with warp shuffles
 //             and then across warps through shared memory.
-//   backward: grad[n, v] = g[n] * (onehot(y[n])[v] - exp(x[n, v] - lse[n])), one read of the
-//             logits and one write of the gradient in their dtype; rows with g == 0 only write
-//             zeros.
+//   backward: grad[n, v] = g[n] * (onehot(y[n])[v] - exp((x[n, v] - max[n]) - logsum[n])), one read
+//             of the logits and one write of the gradient in their dtype; rows with g == 0 only
+//             write zeros. The max and the log-sum stay apart (their sum, the lse, would be rounded
+//             at the magnitude of the logits), and the exponential is the accurate expf: the
+//             gradient is as precise as torch's own log_softmax backward.
 // One block per row (grid-stride over rows). Rows are walked as a scalar head up to the first
 // 16-byte boundary, a body of 16-byte vectors (4 fp32 or 8 bf16; four vectors in flight per thread)
 // and a scalar tail, so any vocabulary size and row offset works. Accumulation is fp32; bf16 is
 // widened exactly (bit shift) and narrowed with round-to-nearest-even.
 #include <torch/extension.h>
+
+#include "dpo_logratio_checks.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -222,8 +226,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename storage_t, bool kVector>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const storage_t* __restrict__ logits, const int64_t* __restrict__ targets,
-                    const float* __restrict__ lse, const float* __restrict__ grad, int64_t rows,
-                    int64_t vocab, int64_t vocab_start, storage_t* __restrict__ out) {
+                    const float* __restrict__ maxima, const float* __restrict__ log_sums,
+                    const float* __restrict__ grad, int64_t rows, int64_t vocab,
+                    int64_t vocab_start, storage_t* __restrict__ out) {
   using E = Elem<storage_t>;
   constexpr int W = E::kWidth;
   const int64_t threads = blockDim.x;
@@ -247,11 +252,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       continue;
     }
 
-    const float shift = lse[n];
+    const float maximum = maxima[n];
+    const float log_sum = log_sums[n];
     const int64_t local = targets[n] - vocab_start;  // may be outside [0, vocab): no one-hot
     // g * (onehot - p): -g * p off the target, g * (1 - p) on it, as on CPU.
     auto value = [&](float x, int64_t v) {
-      return g * ((v == local ? 1.f : 0.f) - __expf(x - shift));
+      return g * ((v == local ? 1.f : 0.f) - expf((x - maximum) - log_sum));
     };
 
     for (int64_t v = threadIdx.x; v < head; v += threads) {
@@ -345,48 +351,45 @@ void stats(const torch::Tensor& logits, const torch::Tensor& targets, int64_t vo
 }
 
 template <typename storage_t>
-void launch_backward(const storage_t* logits, const int64_t* targets, const float* lse,
-                     const float* grad, int64_t rows, int64_t vocab, int64_t vocab_start,
-                     storage_t* out, cudaStream_t stream) {
+void launch_backward(const storage_t* logits, const int64_t* targets, const float* maxima,
+                     const float* log_sums, const float* grad, int64_t rows, int64_t vocab,
+                     int64_t vocab_start, storage_t* out, cudaStream_t stream) {
   const int threads = threads_per_row(rows, vocab, Elem<storage_t>::kWidth);
   const bool same_alignment =
       ((reinterpret_cast<uintptr_t>(logits) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
   if (same_alignment) {
     backward_kernel<storage_t, true><<<grid_for(rows), threads, 0, stream>>>(
-        logits, targets, lse, grad, rows, vocab, vocab_start, out);
+        logits, targets, maxima, log_sums, grad, rows, vocab, vocab_start, out);
   } else {
     backward_kernel<storage_t, false><<<grid_for(rows), threads, 0, stream>>>(
-        logits, targets, lse, grad, rows, vocab, vocab_start, out);
+        logits, targets, maxima, log_sums, grad, rows, vocab, vocab_start, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// grad_out = grad[:, None] * (onehot(targets) - exp(logits - lse[:, None])), in the logits' dtype.
+// grad_out = grad[:, None] * (onehot(targets) - exp((logits - max[:, None]) - log_sum[:, None])),
+// in the logits' dtype.
 void backward(const torch::Tensor& logits, const torch::Tensor& targets, int64_t vocab_start,
-              const torch::Tensor& lse, const torch::Tensor& grad, torch::Tensor& grad_out) {
+              const torch::Tensor& maxima, const torch::Tensor& log_sums, const torch::Tensor& grad,
+              torch::Tensor& grad_out) {
   check(logits, targets);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  check_device(lse, logits, "lse");
+  check_device(maxima, logits, "max");
+  check_device(log_sums, logits, "log_sum");
   check_device(grad, logits, "grad");
   check_device(grad_out, logits, "grad_out");
-  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.is_contiguous() && lse.numel() == rows,
-              "lse: contiguous float32 [rows]");
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.is_contiguous() && grad.numel() == rows,
-              "grad: contiguous float32 [rows]");
-  TORCH_CHECK(grad_out.scalar_type() == logits.scalar_type() && grad_out.is_contiguous() &&
-                  grad_out.sizes() == logits.sizes(),
-              "grad_out: contiguous, the logits' shape and dtype");
+  dpo_logratio::check_backward(logits, maxima, log_sums, grad, grad_out);
   if (rows == 0 || vocab == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   if (logits.scalar_type() == torch::kFloat) {
-    launch_backward(logits.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                    grad.data_ptr<float>(), rows, vocab, vocab_start, grad_out.data_ptr<float>(),
-                    stream);
+    launch_backward(logits.data_ptr<float>(), targets.data_ptr<int64_t>(),
+                    maxima.data_ptr<float>(), log_sums.data_ptr<float>(), grad.data_ptr<float>(),
+                    rows, vocab, vocab_start, grad_out.data_ptr<float>(), stream);
   } else {
     launch_backward(reinterpret_cast<const uint16_t*>(logits.data_ptr<c10::BFloat16>()),
-                    targets.data_ptr<int64_t>(), lse.data_ptr<float>(), grad.data_ptr<float>(),
-                    rows, vocab, vocab_start,
+                    targets.data_ptr<int64_t>(), maxima.data_ptr<float>(),
+                    log_sums.data_ptr<float>(), grad.data_ptr<float>(), rows, vocab, vocab_start,
                     reinterpret_cast<uint16_t*>(grad_out.data_ptr<c10::BFloat16>()), stream);
   }
 }

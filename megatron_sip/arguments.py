@@ -15,12 +15,12 @@ import ast
 import dataclasses
 import functools
 import inspect
+import logging
 import shlex
 import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from megatron_sip.data.config import TokenizerConfig
 from megatron_sip.errors import ConfigError
@@ -30,16 +30,38 @@ from megatron_sip.models.config import ModelConfig
 from megatron_sip.platform import PlatformConfig
 from megatron_sip.training.config import TrainingConfig
 
-# Argument groups of every megatron-sip job: attribute name on the result -> config class.
-# Entry points that need more (SIP, judge, rewriter) pass extra groups to parse_args.
-BASE_GROUPS: dict[str, type] = {
-    "platform": PlatformConfig,
-    "parallel": ParallelConfig,
-    "model": ModelConfig,
-    "tokenizer": TokenizerConfig,
-    "training": TrainingConfig,
-    "checkpoint": CheckpointConfig,
-}
+
+@dataclasses.dataclass
+class LaunchConfig:
+    """Where a job runs: the device and the parallel layout (tools that build no model of
+    their own, such as evaluation and launch checks, need only these)."""
+
+    platform: PlatformConfig
+    parallel: ParallelConfig
+
+
+@dataclasses.dataclass
+class JobConfig(LaunchConfig):
+    """The settings of every megatron-sip training job, one config dataclass per group of flags.
+    Entry points that need more (data, SIP, judge, rewriter) subclass it with more groups;
+    :func:`parse_args` fills one instance from the command line, so every setting has one typed
+    home."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+
+    def validate(self, world_size: int) -> None:
+        """Checks that need more than one group (each group checks its own fields); a subclass
+        extends it for its own groups."""
+        validate_layout(self.parallel, self.model, self.training, world_size)
+
+
+def config_groups(job: type) -> dict[str, type]:
+    """Group name -> config class of a job config class (its fields, in order)."""
+    hints = typing.get_type_hints(job)
+    return {field.name: hints[field.name] for field in dataclasses.fields(job)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +144,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str)
             group.add_argument(flag, dest=field.name, action=action, help=help_text)
             continue
         arg_type, nargs, choices = _parser_for(tp)
+        if "choices" in field.metadata:  # a callable: choices from a table (e.g. objectives)
+            choices = tuple(field.metadata["choices"]())
         metavar = field.name.upper()
         if choices:
             # Checked by the config itself, so the error names the flag and the fix.
@@ -180,48 +204,77 @@ def build_parser(groups: Mapping[str, type], description: str | None = None):
 # --------------------------------------------------------------------------------------------
 
 
+J = typing.TypeVar("J")
+
+
 def parse_args(
     argv: Sequence[str] | None = None,
+    job: type[J] = JobConfig,
     *,
-    groups: Mapping[str, type] = BASE_GROUPS,
-    extra_groups: Mapping[str, type] | None = None,
     world_size: int | None = None,
     description: str | None = None,
     exit_on_error: bool = True,
-) -> types.SimpleNamespace:
-    """Parses Megatron-style flags into config objects, one attribute per group.
+) -> J:
+    """Parses Megatron-style flags into ``job``, a dataclass whose fields are config groups
+    (:class:`JobConfig` or a subclass; any dataclass of config dataclasses works), then runs its
+    ``validate(world_size)`` when it has one.
 
-    ``groups`` (default: every base group) plus ``extra_groups`` name the config classes;
     ``world_size`` (default: from the launcher's environment) is needed to check the parallel
     layout and batch sizes. With ``exit_on_error`` a bad setting prints its message and exits 2,
     as argparse does; otherwise :class:`ConfigError` is raised.
     """
-    groups = {**groups, **(extra_groups or {})}
+    groups = config_groups(job)
     parser = build_parser(groups, description)
     namespace = parser.parse_args(argv)
     try:
-        configs = types.SimpleNamespace(
+        config = job(
             **{title: config_from_namespace(cls, namespace) for title, cls in groups.items()}
         )
-        validate_configs(configs, world_size if world_size is not None else world_size_from_env())
+        if hasattr(config, "validate"):
+            config.validate(world_size if world_size is not None else world_size_from_env())
     except ConfigError as error:
         if exit_on_error:
             parser.error(str(error))
         raise
-    return configs
+    return config
 
 
-def validate_configs(configs: Any, world_size: int) -> None:
-    """Checks that need more than one config group (each group checks its own fields)."""
-    parallel: ParallelConfig | None = getattr(configs, "parallel", None)
-    model: ModelConfig | None = getattr(configs, "model", None)
-    training: TrainingConfig | None = getattr(configs, "training", None)
+def set_flags(config, names: Sequence[str] | None = None) -> list[str]:
+    """The flags of ``config`` (one config dataclass) whose values differ from their defaults,
+    among the fields ``names`` (default: all)."""
+    flags = []
+    for field in dataclasses.fields(config):
+        if not field.init or (names is not None and field.name not in names):
+            continue
+        if getattr(config, field.name) != _default(field):
+            flags.append(flag_name(field))
+    return flags
+
+
+def reject_set_flags(config, names: Sequence[str] | None, reason: str) -> None:
+    """A flag that is accepted and then ignored is a defect: raises :class:`ConfigError` for the
+    first of ``names`` (default: every field) set to a non-default value, with ``reason``."""
+    flags = set_flags(config, names)
+    if flags:
+        raise ConfigError(flags[0], f"{reason}, so this flag would be ignored; drop it")
+
+
+def validate_layout(
+    parallel: ParallelConfig | None,
+    model: ModelConfig | None,
+    training: TrainingConfig | None,
+    world_size: int,
+) -> None:
+    """The parallel layout against the world size, the model shape and the batch sizes."""
     if parallel is None:
         return
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     data_parallel_size = parallel.data_parallel_size(world_size)
     if parallel.sequence_parallel and tp == 1:
         # As Megatron-LM: sequence parallelism is a no-op without tensor parallelism.
+        logging.getLogger(__name__).warning(
+            "--sequence-parallel: disabled, --tensor-model-parallel-size is 1"
+        )
         parallel.sequence_parallel = False
     if model is not None:
         _validate_model_layout(model, tp, pp)

@@ -44,7 +44,10 @@ class ParallelConfig:
     """Ranks that split the layers into consecutive stages (PP)."""
 
     context_parallel_size: int = 1
-    """Ranks that split each sequence (CP)."""
+    """Ranks that split each sequence (CP). Only 1 is supported: SIP scores candidates packed
+    behind a shared prefix with an arbitrary attention mask, which Megatron-Core's
+    context-parallel attention (Transformer Engine's ring attention, causal masks only) cannot
+    take, and no entry point splits its batches per CP rank."""
 
     sequence_parallel: bool = False
     """Split activations outside attention and MLP along the sequence over the TP ranks."""
@@ -56,6 +59,14 @@ class ParallelConfig:
         require_positive("--tensor-model-parallel-size", self.tensor_model_parallel_size)
         require_positive("--pipeline-model-parallel-size", self.pipeline_model_parallel_size)
         require_positive("--context-parallel-size", self.context_parallel_size)
+        if self.context_parallel_size != 1:
+            raise ConfigError(
+                "--context-parallel-size",
+                f"{self.context_parallel_size} is not supported: batches are not split per "
+                "context-parallel rank, and SIP's shared-prefix scoring needs arbitrary attention "
+                "masks that context-parallel attention cannot take; use tensor and pipeline "
+                "parallelism (--tensor-model-parallel-size, --pipeline-model-parallel-size)",
+            )
 
     @property
     def model_parallel_size(self) -> int:
@@ -198,19 +209,19 @@ class DistributedContext:
             "device": self.device,
             "backend": dist.get_backend(),
             "tp_rank": self.tensor_parallel_rank,
-            "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "tp_size": self.pg_collection.tp.size(),
             "pp_rank": self.pipeline_parallel_rank,
-            "pp_size": parallel_state.get_pipeline_model_parallel_world_size(),
-            "cp_size": parallel_state.get_context_parallel_world_size(),
+            "pp_size": self.pg_collection.pp.size(),
+            "cp_size": self.pg_collection.cp.size(),
             "dp_rank": self.data_parallel_rank,
             "dp_size": self.data_parallel_size,
         }
 
 
-def set_random_seed(seed: int) -> None:
+def set_random_seed(seed: int, pipeline_rank: int) -> None:
     """Megatron-LM's seeding: offset by pipeline stage, TP ranks share the model-parallel seed
     through Megatron's RNG tracker."""
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed = seed + 100 * pipeline_rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -242,16 +253,18 @@ def initialize_distributed(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
     )
-    set_random_seed(seed)
+    # From here on the groups travel explicitly: every model, schedule and trainer gets them.
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    set_random_seed(seed, groups.pp.rank())
     # As Megatron-LM: the schedules consult it; result re-runs stay off.
     initialize_rerun_state_machine()
     return DistributedContext(
         launch=launch,
         device=device,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pipeline_parallel_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        pg_collection=groups,
+        tensor_parallel_rank=groups.tp.rank(),
+        pipeline_parallel_rank=groups.pp.rank(),
+        data_parallel_rank=groups.dp.rank(),
         data_parallel_size=dp_size,
     )
 

@@ -3,7 +3,6 @@ are single tokens, and Megatron checkpoints (random or fine-tuned on the verdict
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +56,7 @@ def _save_random_judge(root: str, tokenizer_model: str) -> None:
         configs.model, configs.parallel, configs.training, configs.tokenizer,
         tokenizer.vocab_size, context,
     )  # fmt: skip
-    save_checkpoint(
-        root, 0, job.model_chunks,
-        extra_common={"model": dataclasses.asdict(configs.model),
-                      "tokenizer": dataclasses.asdict(configs.tokenizer)},
-    )  # fmt: skip
+    save_checkpoint(root, 0, job.model_chunks, extra_common=job.metadata)
     destroy_distributed()
 
 

@@ -15,6 +15,7 @@ from .distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = f"@{ROOT / 'examples' / 'tiny_llama_cpu.args'}"
 VOCAB = 512
+NULL_TOKENIZER = ("--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB))
 
 
 ALPHABET = 64  # documents use the first 64 ids of the vocabulary
@@ -45,7 +46,8 @@ def preprocess(jsonl: Path, output_prefix: Path) -> str:
 
 def run_pretrain(nproc: int, *flags: str, timeout: int = 600) -> str:
     """Runs ``python -m megatron_sip.pretrain`` on ``nproc`` ranks; returns its output."""
-    return run_module(nproc, "megatron_sip.pretrain", TINY_ARGS, *flags, timeout=timeout)
+    return run_module(nproc, "megatron_sip.pretrain", TINY_ARGS, *NULL_TOKENIZER, *flags,
+                      timeout=timeout)  # fmt: skip
 
 
 def run_module(nproc: int, module: str, *flags: str, timeout: int = 600) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_sip.arguments import BASE_GROUPS, build_parser, field_docs, parse_args
+from megatron_sip.arguments import build_parser, config_groups, field_docs, parse_args
 from megatron_sip.errors import ConfigError
 from megatron_sip.models.config import ModelConfig, transformer_engine_available
 
@@ -19,17 +19,15 @@ def parse(*flags, world_size=1):
 
 
 def test_every_field_is_a_documented_flag():
-    from megatron_sip.data.sip_dataset import SIPDataConfig
-    from megatron_sip.inference.sampling import SamplingConfig
-    from megatron_sip.pretrain import EXTRA_GROUPS
-    from megatron_sip.roles.config import JudgeConfig, RewriterConfig
+    from megatron_sip.pretrain import PretrainConfig
+    from megatron_sip.train_sip import SIPJobConfig
+    from megatron_sip.training.judge_sft import JudgeSFTJobConfig
 
-    groups = {
-        **BASE_GROUPS, **EXTRA_GROUPS, "sip_data": SIPDataConfig, "sampling": SamplingConfig,
-        "judge": JudgeConfig, "rewriter": RewriterConfig,
-    }  # fmt: skip
-    parser = build_parser(groups)
-    help_text = parser.format_help()
+    groups = config_groups(SIPJobConfig)
+    help_text = build_parser(groups).format_help()
+    for job in (PretrainConfig, JudgeSFTJobConfig):
+        build_parser(config_groups(job))  # no flag is declared twice
+    groups.update(config_groups(JudgeSFTJobConfig))
     for cls in groups.values():
         docs = field_docs(cls)
         for name in cls.__dataclass_fields__:
@@ -47,10 +45,12 @@ def test_every_field_is_a_documented_flag():
         "--save-interval", "--ckpt-format", "--device", "--data-path", "--split",
         "--eval-interval", "--eval-iters", "--exit-interval", "--finetune", "--tensorboard-dir",
         "--wandb-project", "--sip-suffix-len", "--sip-split-point", "--sip-temperature",
-        "--sip-top-p", "--sip-top-k", "--judge-backend", "--rewriter-backend",
+        "--sip-top-p", "--sip-top-k", "--judge-backend", "--rewriter-backend", "--sip-loss",
     ):  # fmt: skip
         assert flag in help_text, flag
     assert "Number of key/value head groups" in help_text  # the docstring is the help
+    # --sip-loss lists the objectives table's names.
+    assert "{online_dpo,rf_nll,sft_rewrite}" in help_text
 
 
 def test_llama_flags_parse_into_configs(tmp_path):
@@ -106,6 +106,8 @@ def test_llama_flags_parse_into_configs(tmp_path):
         (["--device", "tpu"], 1, "--device", "unknown value 'tpu'"),
         (["--ckpt-format", "torch"], 1, "--ckpt-format", "unknown value 'torch'"),
         (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr", "1.0 is above --lr 0.1"),
+        (["--context-parallel-size", "2"], 2, "--context-parallel-size",
+         "2 is not supported: batches are not split per context-parallel rank"),
     ],
 )  # fmt: skip
 def test_validation_errors_name_the_flag(flags, world_size, flag, fragment):
@@ -147,3 +149,73 @@ def test_swiglu_ffn_default_matches_megatron():
         num_layers=1, hidden_size=256, num_attention_heads=4, seq_length=8, swiglu=True
     )
     assert swiglu.ffn_size() == 640  # int(4 * 256 * 2 / 3 / 64) * 64
+
+
+SIP = ["--data-path", "corpus", "--judge-oracle-data", "demo", "--rewriter-oracle-data", "demo"]
+
+
+def parse_sip(*flags):
+    from megatron_sip.train_sip import SIPJobConfig
+
+    return parse_args([*MODEL, *SIP, *flags], SIPJobConfig, world_size=1, exit_on_error=False)
+
+
+@pytest.mark.parametrize(
+    "flags,flag,fragment",
+    [
+        (["--sip-loss", "sft_rewrite", "--sip-num-rollouts", "4"], "--sip-num-rollouts",
+         "--sip-loss sft_rewrite samples no rollouts"),
+        (["--sip-loss", "sft_rewrite", "--sip-temperature", "0.7"], "--sip-temperature",
+         "--sip-loss sft_rewrite samples no rollouts"),
+        (["--sip-loss", "sft_rewrite"], "--judge-oracle-data",
+         "--sip-loss sft_rewrite builds no judge"),
+        (["--sip-loss", "rf_nll", "--sip-dpo-beta", "0.5"], "--sip-dpo-beta",
+         "--sip-loss rf_nll uses no reference model"),
+        (["--sip-loss", "rf_nll", "--sip-ref-ema-decay", "0.5"], "--sip-ref-ema-decay",
+         "uses no reference model"),
+        (["--rewriter-store", "r.jsonl"], "--rewriter-oracle-data",
+         "--rewriter-store reads the rewrites: no rewriter is built"),
+        (["--colocate-offload"], "--colocate-offload", "no colocated (megatron) judge"),
+        (["--sip-loss", "ppo"], "--sip-loss", "unknown value 'ppo'; choose one of online_dpo"),
+    ],
+)  # fmt: skip
+def test_sip_refuses_flags_its_objective_would_ignore(flags, flag, fragment):
+    """A flag accepted and then ignored is a defect: each objective refuses the settings of
+    components it does not build."""
+    with pytest.raises(ConfigError) as error:
+        parse_sip(*flags)
+    assert error.value.flag == flag
+    assert fragment in str(error.value)
+
+
+def test_sip_objectives_accept_their_own_flags():
+    from megatron_sip.train_sip import SIPJobConfig
+
+    assert parse_sip("--sip-num-rollouts", "4", "--sip-dpo-beta", "0.5").sip.sip_dpo_beta == 0.5
+    rf_nll = parse_sip("--sip-loss", "rf_nll", "--sip-num-rollouts", "2")
+    assert rf_nll.objective.name == "rf_nll"
+    flags = [*MODEL, "--data-path", "c", "--rewriter-oracle-data", "d"]
+    sft = parse_args(
+        [*flags, "--sip-loss", "sft_rewrite", "--sip-nll-weight", "0.1"],
+        SIPJobConfig,
+        world_size=1,
+        exit_on_error=False,
+    )
+    assert not sft.objective.needs_judge and sft.sip.sip_nll_weight == 0.1
+
+
+def test_role_flags_of_another_backend_are_refused():
+    from megatron_sip.roles.config import JudgeConfig, RewriterConfig, build_judge, build_rewriter
+
+    with pytest.raises(ConfigError, match="--judge-url: is only read by --judge-backend openai"):
+        build_judge(JudgeConfig(judge_oracle_data="demo", judge_url="http://x"))
+    with pytest.raises(ConfigError, match="--judge-prompt-dir: is only read by"):
+        build_judge(JudgeConfig(judge_oracle_data="demo", judge_prompt_dir="p"))
+    with pytest.raises(ConfigError, match="--rewriter-max-tokens: is only read by"):
+        build_rewriter(RewriterConfig(rewriter_oracle_data="demo", rewriter_max_tokens=64))
+    # Required settings are checked when the role is built, not when flags are parsed.
+    JudgeConfig(judge_backend="megatron")
+    with pytest.raises(ConfigError, match="--judge-load: --judge-backend megatron needs"):
+        build_judge(JudgeConfig(judge_backend="megatron"))
+    with pytest.raises(ConfigError, match="--judge-oracle-data: --judge-backend oracle needs"):
+        build_judge(JudgeConfig())

@@ -159,8 +159,8 @@ def _fill(chunks, value: float) -> None:
 
 
 def killed_save_worker(root: str, kill_point: str) -> None:
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     _fill(chunks, 1.0)
     save_checkpoint(root, 1, chunks)
     _fill(chunks, 2.0)
@@ -179,8 +179,8 @@ def killed_save_worker(root: str, kill_point: str) -> None:
 
 
 def resume_after_kill_worker(root: str) -> None:
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     _fill(chunks, 0.0)
     loaded = load_checkpoint(root, chunks)
     assert loaded.iteration == 1

@@ -234,8 +234,9 @@ def test_quality_averages_both_orders_and_keeps_missing_scores_missing():
 
 
 def test_backend_flags_name_what_is_missing(tmp_path):
+    # Checked when the role is built: a job that builds no judge needs no judge settings.
     with pytest.raises(ConfigError, match="--judge-oracle-data"):
-        JudgeConfig()
+        build_judge(JudgeConfig())
     with pytest.raises(ConfigError, match="--rewriter-backend"):
         RewriterConfig(rewriter_backend="gpt", rewriter_oracle_data="x")
     with pytest.raises(FileNotFoundError, match="build_demo_corpus.py"):

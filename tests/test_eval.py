@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -233,10 +232,10 @@ def continuations_worker(root: str) -> None:
     from megatron_sip.eval import continuations
     from megatron_sip.inference.sampling import SamplingConfig
     from megatron_sip.initialize import destroy_distributed
-    from megatron_sip.models.checkpointing import save_checkpoint
+    from megatron_sip.models.checkpointing import model_metadata, save_checkpoint
 
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     tokenizer_config = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB)
     tokenizer = build_tokenizer(tokenizer_config)
     assert tokenizer.tokenize("5 17  42") == [5, 17, 42] and tokenizer.detokenize([5, 17]) == "5 17"
@@ -266,11 +265,7 @@ def continuations_worker(root: str) -> None:
 
     # The entry point, from a checkpoint that stores its settings, gives the same text.
     model = workers.tiny_llama()
-    settings = {
-        "model": dataclasses.asdict(model),
-        "tokenizer": dataclasses.asdict(tokenizer_config),
-    }
-    save_checkpoint(f"{root}/ckpt", 0, chunks, extra_common=settings)
+    save_checkpoint(f"{root}/ckpt", 0, chunks, extra_common=model_metadata(model, tokenizer_config))
     destroy_distributed()
     prefix_file = Path(root) / "eval_unsafe_prefixes.jsonl"
     prefix_file.write_text(

@@ -19,8 +19,8 @@ NEW = 12
 
 def _trained_weights(root: str) -> None:
     """Random weights with a few sharp preferences, so greedy decoding has no near-ties."""
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     generator = torch.Generator().manual_seed(3)
     for param in chunks[0].parameters():
         param.data.add_(torch.randn(param.shape, generator=generator) * 0.05)
@@ -30,7 +30,7 @@ def _trained_weights(root: str) -> None:
 
 def generation_worker(root: str, tp: int, pp: int, out: str) -> None:
     parallel, context = workers.setup(tp=tp, pp=pp)
-    chunks, _ = workers.build(parallel)
+    chunks, _ = workers.build(parallel, context)
     load_checkpoint(root, chunks)
     greedy = SamplingConfig(sip_temperature=0.0)
     cached = generate(chunks[0], PREFIXES, num_samples=2, num_tokens=NEW, sampling=greedy, seed=0)

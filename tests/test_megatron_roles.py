@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from megatron_sip.initialize import destroy_distributed
-from megatron_sip.roles.config import JudgeConfig, RewriterConfig, build_judge, build_rewriter
+from megatron_sip.roles.config import (
+    JudgeConfig,
+    RewriterConfig,
+    RoleContext,
+    build_judge,
+    build_rewriter,
+)
 
 from . import workers
 from .distributed import run_ranks
@@ -32,7 +38,7 @@ def roles_worker(checkpoint: str, demo: str, tp: int, pp: int, out: str) -> None
     judge = build_judge(
         JudgeConfig(judge_backend="megatron", judge_load=checkpoint,
                     judge_max_prefix_chars=MAX_PREFIX_CHARS),
-        parallel=parallel,
+        RoleContext(parallel, context.pg_collection),
     )  # fmt: skip
     examples = _examples(Path(demo))
     safety = judge.safety(
@@ -50,7 +56,7 @@ def roles_worker(checkpoint: str, demo: str, tp: int, pp: int, out: str) -> None
         RewriterConfig(
             rewriter_backend="megatron", rewriter_load=checkpoint, rewriter_max_tokens=12
         ),
-        parallel=parallel,
+        RoleContext(parallel, context.pg_collection),
     )  # fmt: skip
     rewrites = rewriter.rewrite([e["prefix"] for e in facts[:3]], [e["text"] for e in facts[:3]])
     assert all(isinstance(r, str) for r in rewrites)
@@ -100,12 +106,12 @@ INJECTIONS = (
 def injection_worker(checkpoint: str, demo: str, out: str, micro_batch_size: int = 32) -> None:
     from pathlib import Path
 
-    parallel, _ = workers.setup()
+    parallel, context = workers.setup()
     judge = build_judge(
         JudgeConfig(judge_backend="megatron", judge_load=checkpoint,
                     judge_max_prefix_chars=MAX_PREFIX_CHARS,
                     judge_micro_batch_size=micro_batch_size),
-        parallel=parallel,
+        RoleContext(parallel, context.pg_collection),
     )  # fmt: skip
     rows = [json.loads(line) for line in (Path(demo) / "judge_val.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["task"] == "safety"]
@@ -255,23 +261,24 @@ def model_args_worker(checkpoint: str, args_file: str, bare: str) -> None:
     from megatron_sip.models.checkpointing import save_checkpoint
     from megatron_sip.roles.megatron_backend import RoleModel
 
-    parallel, _ = workers.setup()
+    parallel, context = workers.setup()
     texts, prefixes = ["A calm sentence about rivers."] * 2, ["Text.", "More text."]
     saved = build_judge(
-        JudgeConfig(judge_backend="megatron", judge_load=checkpoint), parallel=parallel
+        JudgeConfig(judge_backend="megatron", judge_load=checkpoint),
+        RoleContext(parallel, context.pg_collection),
     )
     from_flags = build_judge(
         JudgeConfig(judge_backend="megatron", judge_load=checkpoint, judge_model_args=args_file),
-        parallel=parallel,
+        RoleContext(parallel, context.pg_collection),
     )
     assert saved.safety(prefixes, texts) == from_flags.safety(prefixes, texts)
     # A checkpoint without saved settings needs the flags file, and says so.
     save_checkpoint(bare, 0, [saved.role.module])
-    with pytest.raises(ValueError, match="stores no model settings"):
-        RoleModel(bare, parallel)
+    with pytest.raises(ValueError, match="stores no model or tokenizer settings"):
+        RoleModel(bare, parallel, context.pg_collection)
     bare_judge = build_judge(
         JudgeConfig(judge_backend="megatron", judge_load=bare, judge_model_args=args_file),
-        parallel=parallel,
+        RoleContext(parallel, context.pg_collection),
     )
     assert bare_judge.safety(prefixes, texts) == saved.safety(prefixes, texts)
     destroy_distributed()

@@ -13,9 +13,9 @@ from .distributed import run_ranks
 
 
 def structure_worker(tp: int) -> None:
-    parallel, _ = workers.setup(tp=tp)
+    parallel, context = workers.setup(tp=tp)
     model_cfg = workers.tiny_llama()
-    chunks, config = workers.build(parallel, model_cfg)
+    chunks, config = workers.build(parallel, context, model_cfg)
     model = unwrap_model(chunks[0])
     names = dict(model.named_parameters())
     head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads

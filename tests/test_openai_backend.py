@@ -5,7 +5,6 @@ serving a tiny checkpoint, whose verdicts must equal the colocated judge's."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import http.server
 import json
 import math
@@ -407,13 +406,13 @@ def _checkpoint_and_reference(root: str, prompt_dir: str, out: str) -> None:
 
     from megatron_sip.data.config import TokenizerConfig
     from megatron_sip.initialize import destroy_distributed
-    from megatron_sip.models.checkpointing import save_checkpoint, unwrap_model
+    from megatron_sip.models.checkpointing import model_metadata, save_checkpoint, unwrap_model
     from megatron_sip.roles.megatron_backend import MegatronJudge, MegatronRewriter, RoleModel
 
     from . import workers
 
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     generator = torch.Generator().manual_seed(3)
     for param in chunks[0].parameters():  # sharper than the initialisation: no near-ties
         param.data.add_(torch.randn(param.shape, generator=generator) * 0.05)
@@ -424,12 +423,8 @@ def _checkpoint_and_reference(root: str, prompt_dir: str, out: str) -> None:
     for verdict in VERDICT_IDS:
         model.output_layer.weight.data[verdict, 0] += 3.0
     tokenizer = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB)
-    save_checkpoint(
-        root, 0, chunks,
-        extra_common={"model": dataclasses.asdict(workers.tiny_llama()),
-                      "tokenizer": dataclasses.asdict(tokenizer)},
-    )  # fmt: skip
-    role = RoleModel(root, parallel)
+    save_checkpoint(root, 0, chunks, extra_common=model_metadata(workers.tiny_llama(), tokenizer))
+    role = RoleModel(root, parallel, context.pg_collection)
     prompts = PromptSet.load(prompt_dir)
     judge = MegatronJudge(role, prompts)
     rewriter = MegatronRewriter(role, prompts, max_tokens=REWRITE_TOKENS)

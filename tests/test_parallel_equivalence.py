@@ -18,8 +18,8 @@ ATOL, RTOL = 2e-5, 1e-4
 
 
 def reference_worker(root: str) -> None:
-    parallel, _ = workers.setup(tp=1, pp=1)
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup(tp=1, pp=1)
+    chunks, _ = workers.build(parallel, context)
     save_checkpoint(f"{root}/weights", 0, chunks)
     logits, loss = workers.logits_and_loss(chunks, workers.fixed_batch(), forward_only=False)
     torch.save({"logits": logits, "loss": loss}, f"{root}/reference.pt")
@@ -32,7 +32,7 @@ def reference_worker(root: str) -> None:
 
 def parallel_worker(root: str, tp: int, pp: int) -> None:
     parallel, context = workers.setup(tp=tp, pp=pp)
-    chunks, config = workers.build(parallel)
+    chunks, config = workers.build(parallel, context)
     load_checkpoint(f"{root}/weights", chunks)
     logits, loss = workers.logits_and_loss(chunks, workers.fixed_batch(), forward_only=False)
     reference = torch.load(f"{root}/reference.pt")
@@ -40,7 +40,9 @@ def parallel_worker(root: str, tp: int, pp: int) -> None:
         torch.testing.assert_close(logits, reference["logits"], atol=ATOL, rtol=RTOL)
         assert loss == pytest.approx(reference["loss"], rel=1e-5)
     # Reference gradients in this rank's shard layout.
-    reference_grads = build_gpt_model(workers.tiny_llama(), config, workers.VOCAB)
+    reference_grads = build_gpt_model(
+        workers.tiny_llama(), config, workers.VOCAB, context.pg_collection
+    )
     load_checkpoint(f"{root}/grads", [reference_grads])
     expected = workers.named_params(reference_grads)
     actual = workers.named_grads(chunks)

@@ -9,17 +9,14 @@ import torch
 
 from megatron_sip.arguments import build_parser, config_from_namespace
 from megatron_sip.errors import ConfigError
-from megatron_sip.roles.rewards import (
+from megatron_sip.roles.rewards import context_is_safe, rewriter_reward, rewriter_rewards
+from megatron_sip.training.sip.rewards import (
     RewardConfig,
-    ScoreStore,
-    context_is_safe,
-    judge_identity,
-    rewriter_reward,
-    rewriter_rewards,
     scores_from_columns,
     weighted_reward,
     weighted_rewards,
 )
+from megatron_sip.training.sip.score_store import ScoreStore, judge_identity
 
 SCORES = {"quality": 0.8, "safety": 0.2, "factuality": 0.5}
 
@@ -341,8 +338,8 @@ def _store_checkpoint_worker(root: str) -> None:
 
     from . import workers
 
-    parallel, _ = workers.setup()
-    chunks, _ = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, _ = workers.build(parallel, context)
     store = ScoreStore()
     store.put((0, 12, 345), "rewrite", "safety", "judge-x", 0.25)
     store.put((1, 2, 3), "original", "quality", "judge-y", 0.5)

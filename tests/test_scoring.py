@@ -29,8 +29,8 @@ CANDIDATES = [
 ]
 
 
-def _loss(packed, logits):
-    token_log_probs = candidate_log_probs(logits, packed)
+def _loss(packed, tp_group, logits):
+    token_log_probs = candidate_log_probs(logits, packed, tp_group=tp_group)
     count = packed.mask.sum()
     return (
         -token_log_probs.sum(),
@@ -56,8 +56,8 @@ def _score(chunks, packed):
 
 
 def scoring_worker(root: str, tp: int, pp: int) -> None:
-    parallel, _ = workers.setup(tp=tp, pp=pp)
-    chunks, config = workers.build(parallel)
+    parallel, context = workers.setup(tp=tp, pp=pp)
+    chunks, config = workers.build(parallel, context)
     configure_schedule(config, chunks)
     load_checkpoint(root, chunks)
     assert supports_packed_scoring(chunks[0])
@@ -103,7 +103,7 @@ def test_packed_layout():
 
 def test_benchmark_runs_and_reports_its_ratios():
     """A tiny run of tools/bench/bench_rollouts_scoring.py: it must keep working (the speed
-    goals are measured by running it at its default sizes, see README)."""
+    goals are measured by running it at its default sizes, see docs/ops.md)."""
     import json
     import os
     import subprocess

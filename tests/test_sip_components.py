@@ -91,19 +91,21 @@ def test_dpo_loss_and_gradient_by_hand():
 
 
 def ema_worker(root: str) -> None:
-    parallel, _ = workers.setup()
-    chunks, config = workers.build(parallel)
+    parallel, context = workers.setup()
+    chunks, config = workers.build(parallel, context)
     policy = chunks[0]
     params = dict(policy.module.named_parameters())
 
     def fresh():
-        return build_gpt_model(workers.tiny_llama(), config, workers.VOCAB)
+        return build_gpt_model(workers.tiny_llama(), config, workers.VOCAB, context.pg_collection)
 
-    frozen = EMAReference(fresh(), policy, SIPConfig(sip_ref_ema_decay=1.0))
-    copying = EMAReference(
-        fresh(), policy, SIPConfig(sip_ref_ema_decay=0.0, sip_ref_update_interval=2)
-    )
-    ema = EMAReference(fresh(), policy, SIPConfig(sip_ref_ema_decay=0.9))
+    def reference(sip):  # fp32 training: the shadow is the forward module
+        shadow = fresh()
+        return EMAReference(shadow, shadow, policy, None, sip)
+
+    frozen = reference(SIPConfig(sip_ref_ema_decay=1.0))
+    copying = reference(SIPConfig(sip_ref_ema_decay=0.0, sip_ref_update_interval=2))
+    ema = reference(SIPConfig(sip_ref_ema_decay=0.9))
     start = {name: p.detach().clone() for name, p in params.items()}
     with torch.no_grad():
         for p in params.values():
@@ -120,7 +122,7 @@ def ema_worker(root: str) -> None:
     for name, p in ema.module.named_parameters():
         torch.testing.assert_close(p, 0.9 * start[name] + 0.1 * params[name])
     # It survives save and load, beside the policy.
-    save_checkpoint(root, 1, chunks, extra_modules={"reference": ema.module})
+    save_checkpoint(root, 1, chunks, extra_modules=ema.checkpoint_modules())
     expected = {name: p.detach().clone() for name, p in ema.module.named_parameters()}
     restored = fresh()
     load_checkpoint(root, chunks, extra_modules={"reference": restored})

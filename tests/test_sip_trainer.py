@@ -36,32 +36,36 @@ def sip_data(tmp_path_factory):
          tokenizer.tokenizer_model, "--append-eod", "--workers", "1"],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    flags = [
+    base = [
         *MODEL, "--tokenizer-type", "SentencePieceTokenizer",
         "--tokenizer-model", tokenizer.tokenizer_model,
         "--data-path", str(root / "corpus_text_document"), "--split", "98,2,0",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
         "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--clip-grad", "1.0",
-        "--seed", "1234", "--log-interval", "1",
-        "--sip-suffix-len", "12", "--sip-num-rollouts", "3", "--sip-nll-weight", "0.1",
-        "--sip-objectives", "quality,safety,factuality",
-        "--judge-backend", "oracle", "--judge-oracle-data", str(demo),
-        "--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo),
+        "--seed", "1234", "--log-interval", "1", "--eval-iters", "0",
+        "--sip-suffix-len", "12", "--sip-nll-weight", "0.1",
     ]  # fmt: skip
-    return root, flags
+    rewriter = ["--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo)]
+    # What the judged objectives (online_dpo, rf_nll) add; sft_rewrite refuses them.
+    judged = [
+        "--sip-num-rollouts", "3", "--sip-objectives", "quality,safety,factuality",
+        "--judge-backend", "oracle", "--judge-oracle-data", str(demo),
+    ]  # fmt: skip
+    return root, [*base, *rewriter, *judged], base, rewriter
 
 
 def _step_worker(flags: list, out: str) -> None:
     from megatron_sip.arguments import parse_args
     from megatron_sip.initialize import destroy_distributed, initialize_distributed
-    from megatron_sip.train_sip import EXTRA_GROUPS, build_job
+    from megatron_sip.train_sip import SIPJobConfig, build_job
 
     world = int(os.environ["WORLD_SIZE"])
-    configs = parse_args(flags, extra_groups=EXTRA_GROUPS, world_size=world, exit_on_error=False)
-    context = initialize_distributed(configs.parallel, "cpu", configs.training.seed)
-    job = build_job(configs, context)
-    metrics = job.trainer.step(job.state)
-    job.trainer.save(configs.checkpoint, job.state)
+    config = parse_args(flags, SIPJobConfig, world_size=world, exit_on_error=False)
+    context = initialize_distributed(config.parallel, "cpu", config.training.seed)
+    job = build_job(config, context)
+    metrics = job.trainer.step(job.state).metrics
+    job.state.iteration += 1
+    job.trainer.save(config.checkpoint, job.state)
     selections = [
         [
             (s.selection.chosen.kind, s.selection.chosen.index) if s.selection.chosen else None,
@@ -83,20 +87,19 @@ def _weights_worker(checkpoints: list, flags: list, out: str) -> None:
     from megatron_sip.data.tokenizers import build_tokenizer
     from megatron_sip.initialize import destroy_distributed, initialize_distributed
     from megatron_sip.models.checkpointing import load_checkpoint
-    from megatron_sip.models.gpt import build_gpt_model
-    from megatron_sip.train_sip import EXTRA_GROUPS
+    from megatron_sip.train_sip import SIPJobConfig, build_reference
     from megatron_sip.training.setup import setup_model_and_optimizer
 
-    configs = parse_args(flags, extra_groups=EXTRA_GROUPS, world_size=1, exit_on_error=False)
-    context = initialize_distributed(configs.parallel, "cpu", 1)
-    tokenizer = build_tokenizer(configs.tokenizer)
+    config = parse_args(flags, SIPJobConfig, world_size=1, exit_on_error=False)
+    context = initialize_distributed(config.parallel, "cpu", 1)
+    tokenizer = build_tokenizer(config.tokenizer)
     states = []
     for checkpoint in checkpoints:
         job = setup_model_and_optimizer(
-            configs.model, configs.parallel, configs.training, configs.tokenizer,
+            config.model, config.parallel, config.training, config.tokenizer,
             tokenizer.vocab_size, context,
         )  # fmt: skip
-        reference = build_gpt_model(configs.model, job.transformer_config, job.vocab_size)
+        reference, _ = build_reference(config, job)
         load_checkpoint(checkpoint, job.model_chunks, load_optim=False, load_rng=False,
                         extra_modules={"reference": reference})  # fmt: skip
         policy = {n: p.detach().clone() for n, p in job.model_chunks[0].module.named_parameters()}
@@ -106,7 +109,7 @@ def _weights_worker(checkpoints: list, flags: list, out: str) -> None:
     destroy_distributed()
 
 
-LOSS_METRICS = ("sip/loss", "sip/dpo-loss", "sip/dpo-margin", "sip/original-nll")
+LOSS_METRICS = ("sip/loss", "sip/dpo-loss", "sip/dpo-margin", "sip/original-nll", "sip/kl-rollouts")
 
 
 @pytest.mark.slow
@@ -115,7 +118,7 @@ def test_sip_step_at_tp2_and_pp2_equals_tp1(sip_data):
     judging, selection, reference scoring (fused log-prob path where the kernel is built) and an
     SGD update gives the same rollouts, pairs, losses and updated weights at TP=2 and PP=2 as at
     TP=1."""
-    root, flags = sip_data
+    root, flags, *_ = sip_data
     init = root / "init"
     run_ranks(_step_worker, 1, [*flags, "--train-iters", "1", "--lr", "0", "--save", str(init)],
               str(root / "init.json"))  # fmt: skip
@@ -167,7 +170,7 @@ def test_resumed_sip_run_repeats_the_uninterrupted_one(sip_data):
     """DP=2: a run stopped by --exit-interval 2 and resumed from its checkpoint (policy,
     optimizer, schedule, RNG, EMA reference, score store, data position) logs exactly the
     metrics of an uninterrupted 4-step run."""
-    root, flags = sip_data
+    root, flags, *_ = sip_data
     common = [*flags, "--train-iters", "4", "--sip-ref-ema-decay", "0.5"]
     straight, resumed = root / "straight", root / "resumed"
     run_module(2, "megatron_sip.train_sip", *common, "--save", str(straight),
@@ -204,16 +207,16 @@ def _tags(directory: Path) -> list[str]:
 def test_rewrite_store_replaces_the_rewriter(sip_data):
     """tools/precompute_rewrites.py over the run's samples, then training from the store: the
     same rewrites, rewards and losses as running the rewriter online."""
-    root, flags = sip_data
-    common = [*flags, "--train-iters", "2", "--sip-loss", "sft_rewrite"]
+    root, _, base, rewriter = sip_data
+    common = [*base, "--train-iters", "2", "--sip-loss", "sft_rewrite"]
     store = root / "rewrites.jsonl"
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "precompute_rewrites.py"), *common,
+        [sys.executable, str(ROOT / "tools" / "precompute_rewrites.py"), *common, *rewriter,
          "--rewrite-store-output", str(store)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     online, stored = root / "online_tb", root / "stored_tb"
-    run_module(1, "megatron_sip.train_sip", *common, "--tensorboard-dir", str(online))
+    run_module(1, "megatron_sip.train_sip", *common, *rewriter, "--tensorboard-dir", str(online))
     run_module(1, "megatron_sip.train_sip", *common, "--rewriter-store", str(store),
                "--tensorboard-dir", str(stored))  # fmt: skip
     for tag in ("sip/loss", "sip/chosen-nll", "sip/missing-rewrites"):
@@ -245,3 +248,31 @@ def test_rewrite_store_errors_name_the_line(tmp_path):
         RewriteStore.load(path)
     with pytest.raises(ValueError, match="seed=1, this run has 2"):
         store.check_identity({"seed": 2}, "store.jsonl")
+
+
+def _skipped_update_worker(flags: list) -> None:
+    from megatron_sip.arguments import parse_args
+    from megatron_sip.initialize import destroy_distributed, initialize_distributed
+    from megatron_sip.train_sip import SIPJobConfig, build_job
+
+    config = parse_args(flags, SIPJobConfig, world_size=1, exit_on_error=False)
+    context = initialize_distributed(config.parallel, "cpu", config.training.seed)
+    trainer = build_job(config, context).trainer
+    reference = [p.detach().clone() for p in trainer.reference.shadow.parameters()]
+    policy = [p.detach().clone() for p in trainer.job.model_chunks[0].parameters()]
+    # The optimizer finds an overflow (as Megatron's grad scaler does) and skips the update.
+    trainer.job.optimizer.step = lambda: (False, None, None)
+    state = build_job(config, context).state
+    output = trainer.step(state)
+    assert not output.update_successful
+    assert all(torch.equal(a, b) for a, b in zip(policy, trainer.job.model_chunks[0].parameters()))
+    # The reference is not moved toward weights that did not change, on an interval step.
+    assert all(torch.equal(a, b) for a, b in zip(reference, trainer.reference.shadow.parameters()))
+    destroy_distributed()
+
+
+@pytest.mark.slow
+def test_skipped_optimizer_step_moves_no_reference(sip_data):
+    _, flags, *_ = sip_data
+    run_ranks(_skipped_update_worker, 1, [*flags, "--train-iters", "1", "--lr", "0.1",
+                                          "--sip-ref-ema-decay", "0.5"])  # fmt: skip

@@ -191,3 +191,53 @@ def test_train_tokenizer_keeps_long_documents():
     assert all(len(p.encode()) <= module.MAX_LINE_BYTES for p in pieces)
     assert "".join(pieces).replace(" ", "") == paragraph.replace(" ", "")
     assert module._pieces("short one.") == ["short one."] and module._pieces("  ") == []
+
+
+# ---- continuations: text after a prefix, as the policy sees it ---------------------------------
+
+
+def _split_inside_a_word(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids of a text cut between two pieces of one word."""
+    for text in (" ".join(WORDS), *TEXTS):
+        ids = tokenizer.tokenize(text)
+        for cut in range(1, len(ids)):
+            piece = tokenizer.inv_vocab[ids[cut]]
+            if not piece.startswith("\u2581") and piece[:1].isalpha():  # goes on inside a word
+                return ids[:cut], ids[cut:]
+    raise AssertionError("no word of the test corpus is split into pieces")
+
+
+def test_rewrite_cut_inside_a_word_is_tokenized_as_the_policy_sees_it(sp_model):
+    from megatron_sip.data.tokenizers import decode_continuation, encode_continuation
+    from megatron_sip.training.sip.rewrites import encode_rewrite
+
+    tokenizer = SentencePieceTokenizer(str(sp_model))
+    prefix, suffix = _split_inside_a_word(tokenizer)
+    original = decode_continuation(tokenizer, prefix, suffix)
+    # In context the text lines up: prefix text + suffix text is the whole text.
+    assert tokenizer.detokenize(prefix) + original == tokenizer.detokenize(prefix + suffix)
+    # A rewrite that keeps the word's end and changes what follows.
+    rewrite = original.split(" ")[0] + " the lazy dog."
+    alone = tokenizer.tokenize(rewrite)
+    in_context = encode_rewrite(tokenizer, prefix, original, rewrite, max_tokens=64)
+    assert in_context[0] == suffix[0]  # the word goes on with the original's piece...
+    assert alone[0] != suffix[0]  # ...which tokenizing the rewrite alone does not give
+    assert tokenizer.detokenize(prefix + in_context) == tokenizer.detokenize(prefix) + rewrite
+    # A suffix that starts a word keeps its leading space in context, and so does the rewrite
+    # of a rewriter that strips its output.
+    ids = tokenizer.tokenize(TEXTS[0])
+    text = decode_continuation(tokenizer, ids[:3], ids[3:])
+    assert text.startswith(" ") and not tokenizer.detokenize(ids[3:]).startswith(" ")
+    stripped = encode_rewrite(tokenizer, ids[:3], text, text.strip(), max_tokens=64)
+    assert stripped == ids[3:]
+    assert encode_continuation(tokenizer, ids[:3], text) == ids[3:]
+
+
+def test_continuation_keeps_the_context_tokens_when_they_would_merge():
+    from megatron_sip.data.tokenizers import encode_continuation
+
+    tokenizer = NullTokenizer(100)
+    # "1 2 3" + "4 5" would read 34: the context's tokens stay, the text is tokenized apart.
+    assert encode_continuation(tokenizer, [1, 2, 3], "4 5") == [4, 5]
+    assert encode_continuation(tokenizer, [1, 2, 3], " 4 5") == [4, 5]
+    assert encode_continuation(tokenizer, [], "4 5") == [4, 5]

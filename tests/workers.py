@@ -48,15 +48,20 @@ def setup(tp: int = 1, pp: int = 1, seed: int = 1234):
     return parallel, context
 
 
-def build(parallel: ParallelConfig, model: ModelConfig | None = None, **kwargs):
-    return build_model(model or tiny_llama(), parallel, VOCAB, **kwargs)
+def build(parallel: ParallelConfig, context, model: ModelConfig | None = None, **kwargs):
+    return build_model(model or tiny_llama(), parallel, VOCAB, context.pg_collection, **kwargs)
 
 
 def build_with_optimizer(parallel, context, training: TrainingConfig | None = None):
     training = training or TrainingConfig(
         micro_batch_size=BATCH, lr=1e-2, train_iters=10, clip_grad=1.0
     )
-    chunks, config = build(parallel, use_distributed_optimizer=training.use_distributed_optimizer)
+    chunks, config = build(
+        parallel,
+        context,
+        bf16=training.bf16,
+        use_distributed_optimizer=training.use_distributed_optimizer,
+    )
     optimizer, scheduler = build_optimizer(training, chunks, context.data_parallel_size)
     configure_schedule(config, chunks, optimizer)
     return chunks, config, optimizer, scheduler

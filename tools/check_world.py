@@ -18,17 +18,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_sip.arguments import parse_args
-from megatron_sip.initialize import ParallelConfig, destroy_distributed, initialize_distributed
-from megatron_sip.platform import PlatformConfig, torch_device
+from megatron_sip.arguments import LaunchConfig, parse_args
+from megatron_sip.initialize import destroy_distributed, initialize_distributed
+from megatron_sip.platform import torch_device
 
 
 def main(argv=None) -> None:
-    configs = parse_args(
-        argv,
-        groups={"platform": PlatformConfig, "parallel": ParallelConfig},
-        description=__doc__,
-    )
+    configs = parse_args(argv, LaunchConfig, description=__doc__)
     context = initialize_distributed(configs.parallel, configs.platform.device)
     total = torch.tensor([float(context.rank)], device=torch_device())
     dist.all_reduce(total)

@@ -29,9 +29,10 @@ from megatron_sip.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_sip.errors import ConfigError  # noqa: E402
 from megatron_sip.initialize import destroy_distributed, initialize_distributed  # noqa: E402
 from megatron_sip.log import print_rank_0, rank, setup_logging  # noqa: E402
-from megatron_sip.roles.config import build_rewriter  # noqa: E402
+from megatron_sip.roles.config import RoleContext, build_rewriter  # noqa: E402
 from megatron_sip.roles.rewrite_store import write_rewrite_store  # noqa: E402
-from megatron_sip.train_sip import EXTRA_GROUPS, sample_identity  # noqa: E402
+from megatron_sip.train_sip import SIPJobConfig, sample_identity  # noqa: E402
+from megatron_sip.training.sip.rewrites import sample_texts  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -51,14 +52,20 @@ class PrecomputeConfig:
             raise ConfigError("--rewrite-batch-size", "must be positive")
 
 
+@dataclasses.dataclass
+class PrecomputeJobConfig(SIPJobConfig):
+    """The training run's settings, plus where the rewrites go."""
+
+    precompute: PrecomputeConfig
+
+    def validate(self, world_size: int) -> None:
+        if self.rewriter.rewriter_store:
+            raise ConfigError("--rewriter-store", "give the rewriter to run, not a store to read")
+        super().validate(world_size)
+
+
 def main(argv=None) -> None:
-    configs = parse_args(
-        argv, extra_groups={**EXTRA_GROUPS, "precompute": PrecomputeConfig}, description=__doc__
-    )
-    if configs.rewriter.rewriter_store:
-        raise SystemExit("--rewriter-store: give the rewriter to run, not a store to read")
-    if not configs.data.data_path:
-        raise SystemExit("--data-path: required")
+    configs = parse_args(argv, PrecomputeJobConfig, description=__doc__)
     context = initialize_distributed(
         configs.parallel, configs.platform.device, configs.training.seed
     )
@@ -72,7 +79,9 @@ def main(argv=None) -> None:
         seed=configs.training.seed,
         num_samples=[configs.training.train_iters * global_batch, 0, 0],
     )["train"]
-    rewriter = build_rewriter(configs.rewriter, parallel=configs.parallel)
+    rewriter = build_rewriter(
+        configs.rewriter, RoleContext(configs.parallel, context.pg_collection)
+    )
     batch_size = configs.precompute.rewrite_batch_size
     rows, missing = {}, 0
     for start in tqdm(range(0, len(dataset), batch_size), disable=rank() != 0, desc="rewrites"):
@@ -80,10 +89,8 @@ def main(argv=None) -> None:
         fresh = [s for s in samples if s.key not in rows]
         if not fresh:
             continue
-        rewrites = rewriter.rewrite(
-            [tokenizer.detokenize(s.prefix.tolist()) for s in fresh],
-            [tokenizer.detokenize(s.suffix.tolist()) for s in fresh],
-        )
+        texts = [sample_texts(tokenizer, s) for s in fresh]  # as the trainer shows them
+        rewrites = rewriter.rewrite([p for p, _ in texts], [o for _, o in texts])
         for sample, rewrite in zip(fresh, rewrites):
             rows[sample.key] = rewrite
             missing += rewrite is None

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -255,17 +256,23 @@ def continual_nll(runner: DemoRunner, paths: dict, iters: int) -> Path:
     return out
 
 
-def continual_sip(runner: DemoRunner, paths: dict, iters: int, name: str, *flags) -> Path:
+def continual_sip(
+    runner: DemoRunner, paths: dict, iters: int, name: str, variant: Optional[Variant] = None
+) -> Path:
+    """SIP from the base with ``variant``'s flags (default: the demo's, examples/demo/sip.args);
+    the oracle judge only for objectives that judge (the others refuse judge flags)."""
+    variant = variant or Variant("online_dpo_k", "sip.args")
     out = runner.out / name
     demo = paths["demo"]
+    judge = ["--judge-backend", "oracle", "--judge-oracle-data", demo] if variant.judged else []
     runner.stage(
         name,
         runner.torchrun("megatron_sip.train_sip", *paths["common"],
-                        f"@{EXAMPLES / 'continual.args'}", f"@{EXAMPLES / 'sip.args'}",
-                        "--train-iters", iters, "--pretrained-checkpoint", paths["base"],
-                        "--judge-backend", "oracle", "--judge-oracle-data", demo,
+                        f"@{EXAMPLES / 'continual.args'}", f"@{EXAMPLES / variant.args_file}",
+                        "--train-iters", iters, "--pretrained-checkpoint", paths["base"], *judge,
                         "--rewriter-backend", "oracle", "--rewriter-oracle-data", demo,
-                        *flags, "--save", out, "--tensorboard-dir", runner.out / "tb" / name),
+                        *variant.flags, "--save", out,
+                        "--tensorboard-dir", runner.out / "tb" / name),
         [out],
         depends=["pretrain_base"],
     )  # fmt: skip
@@ -367,11 +374,22 @@ def run_demo(out: Path, preset: Preset, args) -> None:
     print(format_table(results), flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One SIP run of the ablation: its flags file under examples/demo/, extra flags, and
+    whether its objective is judged (online_dpo, rf_nll) or not (sft_rewrite)."""
+
+    name: str
+    args_file: str
+    flags: tuple = ()
+    judged: bool = True
+
+
 ABLATION = (
-    ("sft_rewrite", ["--sip-loss", "sft_rewrite"]),
-    ("rf_nll", ["--sip-loss", "rf_nll"]),
-    ("online_dpo_k1", ["--sip-loss", "online_dpo", "--sip-num-rollouts", "1"]),
-    ("online_dpo_k", []),  # the demo's SIP run (sip.args), reused when it is up to date
+    Variant("sft_rewrite", "sip_sft_rewrite.args", judged=False),
+    Variant("rf_nll", "sip_rf_nll.args"),
+    Variant("online_dpo_k1", "sip.args", ("--sip-num-rollouts", "1")),
+    Variant("online_dpo_k", "sip.args"),  # the demo's SIP run, reused when it is up to date
 )
 
 
@@ -385,11 +403,12 @@ def run_ablation(out: Path, preset: Preset, args) -> None:
     prefixes = held_out_prefixes(runner, paths["demo"])
     baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
     rows = {}
-    for name, flags in ABLATION:
-        stage = "sip" if not flags else f"ablation_{name}"
-        checkpoint = continual_sip(runner, paths, iters, stage, *flags)
+    for variant in ABLATION:
+        demo_run = variant.args_file == "sip.args" and not variant.flags
+        stage = "sip" if demo_run else f"ablation_{variant.name}"
+        checkpoint = continual_sip(runner, paths, iters, stage, variant)
         candidate = evaluate(runner, stage, checkpoint, prefixes)
-        rows[name] = compare(runner, stage, baseline_rows, candidate, paths["demo"])
+        rows[variant.name] = compare(runner, stage, baseline_rows, candidate, paths["demo"])
     text = ablation_table(rows)
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")

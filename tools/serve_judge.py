@@ -525,10 +525,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
     # A world of one whatever launcher variables the environment carries.
-    initialize_distributed(ParallelConfig(), args.device, args.seed, environ={})
+    context = initialize_distributed(ParallelConfig(), args.device, args.seed, environ={})
     try:
         try:
-            role = RoleModel(args.load, ParallelConfig())
+            role = RoleModel(args.load, ParallelConfig(), context.pg_collection)
         except (FileNotFoundError, ValueError) as error:
             print(f"--load: {error}", file=sys.stderr)
             return 2

@@ -38,6 +38,14 @@ class TokenizerConfig:
             raise ConfigError(
                 "--tokenizer-model", f"{self.tokenizer_type} needs --tokenizer-model PATH"
             )
+        if self.tokenizer_type != "NullTokenizer" and self.vocab_size is not None:
+            raise ConfigError(
+                "--vocab-size",
+                f"only for NullTokenizer: {self.tokenizer_type} reads its vocabulary from "
+                "--tokenizer-model",
+            )
+        if self.tokenizer_type == "NullTokenizer" and self.tokenizer_model:
+            raise ConfigError("--tokenizer-model", "NullTokenizer reads no model; drop it")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:

@@ -292,3 +292,55 @@ class NullTokenizer(_Tokenizer):
     @functools.cached_property
     def vocab(self) -> dict[str, int]:
         return {str(i): i for i in range(self._vocab_size)}
+
+
+# --------------------------------------------------------------------------------------------
+# continuations: text after given tokens, as the model sees it
+# --------------------------------------------------------------------------------------------
+
+CONTEXT_TOKENS = 8
+"""Tokens of the preceding text used to decode or encode a continuation in context."""
+
+# Anchors that end a word and rarely merge with what follows, for a continuation whose first
+# characters merge with the context's last token (see :func:`encode_continuation`).
+_ANCHORS = (".", ",", ";", ")", "\n")
+
+
+def decode_continuation(tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text ``ids`` add after the tokens ``context``: ``detokenize(context + ids)`` minus
+    ``detokenize(context)``. Decoding ``ids`` alone loses what depends on the context: a
+    SentencePiece model drops the leading space of a continuation that starts a new word, so
+    prefix and continuation texts would run together. Falls back to decoding ``ids`` alone when
+    the texts do not line up (a multi-byte character split across the boundary)."""
+    context = _ids(context)[-CONTEXT_TOKENS:]
+    ids = _ids(ids)
+    if not context:
+        return tokenizer.detokenize(ids)
+    before = tokenizer.detokenize(context)
+    together = tokenizer.detokenize(context + ids)
+    if together.startswith(before):
+        return together[len(before) :]
+    return tokenizer.detokenize(ids)
+
+
+def encode_continuation(tokenizer, context: Sequence[int], text: str) -> list[int]:
+    """The tokens a model sees for ``text`` after the tokens ``context`` (the policy's prefix):
+    ``text`` is tokenized together with the context's last tokens, and the tokens after the
+    context's own are kept. Tokenizing ``text`` alone differs at its start: a SentencePiece
+    model adds a word-start marker to a continuation that goes on inside a word (a suffix cut
+    mid-word), and BPE merges depend on the neighbouring characters.
+
+    The context tokens stay fixed. When the text's first characters would merge with the
+    context's last token into one token, no tokenization keeps the context intact and also
+    matches the joint one; the text is then tokenized after a word-ending anchor (``.``, ``,``
+    ...), which leaves its start as it is."""
+    context = _ids(context)[-CONTEXT_TOKENS:]
+    for anchor in ([tokenizer.detokenize(context)] if context else []) + list(_ANCHORS):
+        try:
+            before = tokenizer.tokenize(anchor)
+            together = tokenizer.tokenize(anchor + text)
+        except ValueError:  # an anchor the tokenizer cannot read (NullTokenizer: integers only)
+            continue
+        if together[: len(before)] == before:
+            return together[len(before) :]
+    return tokenizer.tokenize(text)

@@ -21,8 +21,11 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_sip.arguments import LaunchConfig, parse_args, reject_set_flags
 from megatron_sip.errors import ConfigError, require_positive
+from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.roles.base import Judge, Score
+from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
 
 SAFE_THRESHOLD = 0.5
 
@@ -275,33 +278,34 @@ def compare(
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
-    from megatron_sip.arguments import parse_args
-    from megatron_sip.eval.continuations import load_continuations, write_atomically
-    from megatron_sip.initialize import ParallelConfig, destroy_distributed, initialize_distributed
-    from megatron_sip.platform import PlatformConfig
-    from megatron_sip.roles.config import JudgeConfig, build_judge
+@dataclasses.dataclass
+class CompareJobConfig(LaunchConfig):
+    """Every setting of ``python -m megatron_sip.eval.compare``."""
 
-    configs = parse_args(
-        argv,
-        groups={
-            "platform": PlatformConfig,
-            "parallel": ParallelConfig,
-            "judge": JudgeConfig,
-            "compare": CompareConfig,
-        },
-        description=__doc__,
-    )
+    judge: JudgeConfig
+    compare: CompareConfig
+
+    def validate(self, world_size: int) -> None:
+        if self.judge.judge_backend != "megatron":
+            reason = "only a colocated (megatron) judge runs on a device and ranks"
+            reject_set_flags(self.parallel, None, reason)
+            reject_set_flags(self.platform, None, reason)
+
+
+def main(argv=None) -> None:
+    from megatron_sip.eval.continuations import load_continuations, write_atomically
+
+    configs = parse_args(argv, CompareJobConfig, description=__doc__)
     config: CompareConfig = configs.compare
     baseline = load_continuations(config.baseline)
     candidate = load_continuations(config.candidate)
     # Only a colocated judge needs the process group (it may be model-parallel).
     colocated = configs.judge.judge_backend == "megatron"
-    rank = 0
+    rank, roles = 0, RoleContext()
     if colocated:
         context = initialize_distributed(configs.parallel, configs.platform.device, config.seed)
-        rank = context.rank
-    judge = build_judge(configs.judge, parallel=configs.parallel)
+        rank, roles = context.rank, RoleContext(configs.parallel, context.pg_collection)
+    judge = build_judge(configs.judge, roles)
     try:
         result = compare(
             judge,

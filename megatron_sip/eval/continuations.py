@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_sip.arguments import LaunchConfig, parse_args
 from megatron_sip.errors import ConfigError, require_positive
+from megatron_sip.inference.sampling import SamplingConfig
+from megatron_sip.initialize import destroy_distributed, initialize_distributed
+from megatron_sip.log import print_rank_0, setup_logging
+from megatron_sip.roles.megatron_backend import RoleModel
 
 
 @dataclasses.dataclass
@@ -264,32 +269,24 @@ def max_prefix_tokens_for(config: ContinuationConfig, seq_length: int, limit: Op
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class ContinuationJobConfig(LaunchConfig):
+    """Every setting of ``python -m megatron_sip.eval.continuations``."""
+
+    sampling: SamplingConfig
+    eval: ContinuationConfig
+
+
 def main(argv=None) -> None:
-    from megatron.core import parallel_state
-
-    from megatron_sip.arguments import parse_args
-    from megatron_sip.inference.sampling import SamplingConfig
-    from megatron_sip.initialize import ParallelConfig, destroy_distributed, initialize_distributed
-    from megatron_sip.log import print_rank_0, setup_logging
-    from megatron_sip.platform import PlatformConfig
-    from megatron_sip.roles.megatron_backend import RoleModel
-
-    configs = parse_args(
-        argv,
-        groups={
-            "platform": PlatformConfig,
-            "parallel": ParallelConfig,
-            "sampling": SamplingConfig,
-            "eval": ContinuationConfig,
-        },
-        description=__doc__,
-    )
+    configs = parse_args(argv, ContinuationJobConfig, description=__doc__)
     config: ContinuationConfig = configs.eval
     # Bad prefix files fail before any model is loaded.
     rows = continuation_rows(config.prefixes)
     context = initialize_distributed(configs.parallel, configs.platform.device, config.seed)
     setup_logging()
-    policy = RoleModel(config.load, configs.parallel, model_args_file=config.eval_model_args)
+    policy = RoleModel(
+        config.load, configs.parallel, context.pg_collection, model_args_file=config.eval_model_args
+    )
     model = policy.model_config
     max_prefix = max_prefix_tokens_for(config, model.seq_length, model.seq_length_limit())
     print_rank_0(
@@ -310,7 +307,7 @@ def main(argv=None) -> None:
         vocab_size=policy.tokenizer.vocab_size,
         data_parallel_rank=context.data_parallel_rank,
         data_parallel_size=context.data_parallel_size,
-        data_parallel_group=parallel_state.get_data_parallel_group(),
+        data_parallel_group=context.pg_collection.dp,
     )
     if context.rank == 0:
         lines = [json.dumps({**row, "continuation": text}) + "\n" for row, text in zip(rows, texts)]

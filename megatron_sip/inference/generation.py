@@ -20,10 +20,14 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_sip.inference.pipeline import broadcast_from_last_stage, pipeline_forward
+from megatron_sip.inference.pipeline import (
+    broadcast_from_last_stage,
+    is_last_stage,
+    pipeline_forward,
+    pipeline_group,
+)
 from megatron_sip.inference.sampling import SamplingConfig, sample
 from megatron_sip.models.checkpointing import unwrap_model
 
@@ -93,7 +97,7 @@ def generate(
     row_lengths = lengths.repeat_interleave(num_samples)
     log_probs = torch.zeros(rows, total, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    last_stage, group = is_last_stage(module), pipeline_group(module)
 
     context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
     unique = tokens[::num_samples, :shortest]
@@ -116,7 +120,7 @@ def generate(
         drawn_log_probs = torch.zeros(rows, device=device)
         if last_stage:
             drawn, drawn_log_probs = sample(logits, sampling, generator, vocab_size)
-        broadcast_from_last_stage(drawn)
+        broadcast_from_last_stage(drawn, group)
         tokens[:, position] = torch.where(new, drawn, tokens[:, position])
         log_probs[:, position] = torch.where(new, drawn_log_probs, log_probs[:, position])
         if position == total - 1:
@@ -136,7 +140,7 @@ def generate(
     # Each row's N new tokens start right after its own prefix.
     index = row_lengths.unsqueeze(1) + torch.arange(num_tokens, device=device).unsqueeze(0)
     new_tokens = tokens.gather(1, index)
-    new_log_probs = broadcast_from_last_stage(log_probs.gather(1, index).contiguous())
+    new_log_probs = broadcast_from_last_stage(log_probs.gather(1, index).contiguous(), group)
     mask = torch.ones_like(new_tokens, dtype=torch.float)
     if eod is not None:
         # Keep the EOD itself, drop everything after the first one.
@@ -180,7 +184,7 @@ def generate_by_recompute(
         drawn = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)
         if logits is not None:
             drawn, _ = sample(logits[:, -1], sampling, generator, vocab_size)
-        broadcast_from_last_stage(drawn)
+        broadcast_from_last_stage(drawn, pipeline_group(module))
         tokens = torch.cat([tokens, drawn.unsqueeze(1)], dim=1)
     module.train(was_training)
     new = tokens[:, len(prefixes[0]) :]

@@ -23,7 +23,6 @@ from functools import partial
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -232,19 +231,23 @@ def forward_packed(model, packed: PackedCandidates, *, hidden_states: bool = Fal
 
 
 def candidate_log_probs(
-    output: torch.Tensor, packed: PackedCandidates, weight: Optional[torch.Tensor] = None
+    output: torch.Tensor,
+    packed: PackedCandidates,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    tp_group=None,
 ) -> torch.Tensor:
     """Per-token log-probs ``[B, C, N]`` (0 on padding) from vocab-parallel logits [R, S, V/TP]
     (R = B rows packed, B*C rows unpacked), or, with the output-layer ``weight`` shard, from the
-    final hidden states [R, S, H] (the fused path: logits made chunk by chunk, never whole)."""
+    final hidden states [R, S, H] (the fused path: logits made chunk by chunk, never whole).
+    ``tp_group``: the tensor-parallel group the vocabulary is split over (the model's; None:
+    the whole vocabulary is local)."""
     rows, per_row, length = packed.targets.shape
     index = packed.predict_from.view(rows, -1)
     selected = output.gather(1, index.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
-    group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    group = tp_group
     shard = weight.shape[0] if weight is not None else output.shape[-1]
-    vocab_start = 0
-    if group is not None:
-        vocab_start = parallel_state.get_tensor_model_parallel_rank() * shard
+    vocab_start = group.rank() * shard if group is not None else 0
     targets = packed.targets.view(rows, -1)
     if weight is not None:
         values = fused_linear_target_log_probs(
@@ -263,7 +266,9 @@ def sequence_log_probs(token_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def scoring_forward_step(packed: PackedCandidates, loss_func, data_iterator, model):
-    """A Megatron forward step over one packed micro-batch: ``loss_func(packed, logits)``
-    turns the last stage's logits into ``(loss, num_tokens, report)``."""
+    """A Megatron forward step over one packed micro-batch: ``loss_func(packed, tp_group,
+    logits)`` turns the last stage's logits (split over the model's tensor-parallel group) into
+    ``(loss, num_tokens, report)``."""
     del data_iterator
-    return forward_packed(model, packed), partial(loss_func, packed)
+    tp_group = unwrap_model(model).pg_collection.tp
+    return forward_packed(model, packed), partial(loss_func, packed, tp_group)

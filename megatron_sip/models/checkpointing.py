@@ -23,13 +23,15 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed.data_parallel_base import _BaseDataParallel
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import Float16Module
 
+from megatron_sip.data.config import TokenizerConfig
 from megatron_sip.errors import ConfigError, require_choice
+from megatron_sip.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ class CheckpointConfig:
                 raise ConfigError("--save-interval", f"must be positive, got {self.save_interval}")
             if not self.save:
                 raise ConfigError("--save-interval", "needs --save DIR to write checkpoints to")
+        for flag, value in (
+            ("--no-load-optim", self.no_load_optim),
+            ("--no-load-rng", self.no_load_rng),
+            ("--finetune", self.finetune),
+        ):
+            if value and not self.load:
+                raise ConfigError(flag, "needs --load DIR (the checkpoint it applies to)")
 
 
 def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -115,12 +124,13 @@ def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def _parallel_layout() -> dict:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
+def _groups(model_chunks: list):
+    """The process groups the model was built with (Megatron-Core modules keep them)."""
+    return unwrap_model(model_chunks[0]).pg_collection
+
+
+def _parallel_layout(groups) -> dict:
+    return {"tp": groups.tp.size(), "pp": groups.pp.size(), "dp": groups.dp.size()}
 
 
 def rng_state() -> dict:
@@ -142,18 +152,14 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_rng_state() -> ShardedObject:
+def _sharded_rng_state(groups) -> ShardedObject:
     # One object per (pp, tp, dp) rank: each rank restores exactly its own generators.
-    layout = _parallel_layout()
+    layout = _parallel_layout(groups)
     return ShardedObject(
         "rng_state",
         rng_state(),
         (layout["pp"], layout["tp"], layout["dp"]),
-        (
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-        ),
+        (groups.pp.rank(), groups.tp.rank(), groups.dp.rank()),
         replica_id=0,
     )
 
@@ -191,10 +197,10 @@ def _sharded_state_dict(
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
-        state["rng_state"] = _sharded_rng_state()
+        state["rng_state"] = _sharded_rng_state(_groups(model_chunks))
     state["iteration"] = iteration
     state["checkpoint_version"] = CHECKPOINT_VERSION
-    state["parallel_layout"] = _parallel_layout()
+    state["parallel_layout"] = _parallel_layout(_groups(model_chunks))
     if extra_common:
         state["extra"] = extra_common
     return state
@@ -276,6 +282,30 @@ def checkpoint_extra(root: str | os.PathLike) -> Optional[dict]:
     return common.get("extra", {})
 
 
+# ---- what a checkpoint says about its network -------------------------------------------------
+
+
+def model_metadata(model: ModelConfig, tokenizer: TokenizerConfig) -> dict:
+    """The architecture and tokenizer saved with every checkpoint (in ``extra_common``), so a
+    role (judge, rewriter) or an evaluation can be loaded from the checkpoint alone. The one
+    writer of these settings; :func:`saved_model_settings` is the one reader."""
+    return {"model": dataclasses.asdict(model), "tokenizer": dataclasses.asdict(tokenizer)}
+
+
+def saved_model_settings(root: str | os.PathLike) -> tuple[ModelConfig, TokenizerConfig]:
+    """The model and tokenizer settings saved with the newest checkpoint under ``root``."""
+    extra = checkpoint_extra(root)
+    if extra is None:
+        raise FileNotFoundError(f"{root}: no checkpoint (no {TRACKER_FILE})")
+    missing = [key for key in ("model", "tokenizer") if key not in extra]
+    if missing:
+        raise ValueError(
+            f"{root}: the checkpoint stores no {' or '.join(missing)} settings; give them in a "
+            "flags file (--judge-model-args, --rewriter-model-args, --eval-model-args)"
+        )
+    return ModelConfig(**extra["model"]), TokenizerConfig(**extra["tokenizer"])
+
+
 @dataclasses.dataclass
 class LoadedCheckpoint:
     iteration: int
@@ -311,13 +341,14 @@ def load_checkpoint(
             f"{path}: checkpoint named by {Path(root) / TRACKER_FILE} is missing"
         )
     common = dist_checkpointing.load_common_state_dict(str(path))
-    same_layout = common.get("parallel_layout") == _parallel_layout()
+    layout = _parallel_layout(_groups(model_chunks))
+    same_layout = common.get("parallel_layout") == layout
     restore_rng = load_rng and same_layout
     if load_rng and not same_layout:
         logger.warning(
             "checkpoint layout %s differs from this run's %s: RNG states not restored",
             common.get("parallel_layout"),
-            _parallel_layout(),
+            layout,
         )
     restore_optim = optimizer is not None and load_optim
     state = _sharded_state_dict(

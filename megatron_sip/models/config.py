@@ -45,16 +45,19 @@ class ModelConfig:
     """Maximum sequence length processed (required)."""
 
     max_position_embeddings: Optional[int] = None
-    """Position-embedding table size for learned absolute positions. Default: --seq-length."""
+    """Longest sequence the model takes: the size of the learned position table (default
+    --seq-length), and with rope the bound that --seq-length and generation lengths are checked
+    against (default: none)."""
 
     position_embedding_type: Literal["learned_absolute", "rope", "none"] = "learned_absolute"
     """Position embedding: learned_absolute (GPT-2), rope (Llama) or none."""
 
     rotary_base: int = 10000
-    """RoPE base period."""
+    """RoPE base period (with --position-embedding-type rope)."""
 
     rotary_percent: float = 1.0
-    """Fraction of each head's dimensions that RoPE rotates."""
+    """Fraction of each head's dimensions that RoPE rotates (with --position-embedding-type
+    rope)."""
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     """Normalisation layer: LayerNorm (GPT-2) or RMSNorm (Llama)."""
@@ -115,6 +118,17 @@ class ModelConfig:
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
                 f"{self.num_attention_heads}",
             )
+        if self.position_embedding_type != "rope":
+            for flag, value, default in (
+                ("--rotary-base", self.rotary_base, 10000),
+                ("--rotary-percent", self.rotary_percent, 1.0),
+            ):
+                if value != default:
+                    raise ConfigError(flag, "only applies to --position-embedding-type rope")
+        if self.num_query_groups and not self.group_query_attention:
+            raise ConfigError(
+                "--num-query-groups", "needs --group-query-attention (as in Megatron-LM)"
+            )
         if self.group_query_attention:
             if not self.num_query_groups:
                 raise ConfigError(
@@ -148,10 +162,11 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     def seq_length_limit(self) -> Optional[int]:
-        """Longest sequence the position embedding supports (None: no table)."""
-        if self.position_embedding_type != "learned_absolute":
-            return None
-        return self.max_position_embeddings or self.seq_length
+        """Longest sequence the model takes (None: no bound, rope or no position embedding
+        without --max-position-embeddings)."""
+        if self.position_embedding_type == "learned_absolute":
+            return self.max_position_embeddings or self.seq_length
+        return self.max_position_embeddings
 
     def use_transformer_engine(self, device: str) -> bool:
         if self.transformer_impl == "auto":

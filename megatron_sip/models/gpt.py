@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
@@ -20,7 +18,11 @@ from megatron_sip.models.config import ModelConfig
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    bf16: bool = False,
+    calculate_per_token_loss: bool = False,
 ) -> TransformerConfig:
     """Megatron-Core's TransformerConfig for this architecture and parallel layout."""
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -46,6 +48,7 @@ def transformer_config(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
+        calculate_per_token_loss=calculate_per_token_loss,
         **platform.model_config_overrides(),
     )
 
@@ -65,23 +68,17 @@ def build_gpt_model(
     model: ModelConfig,
     config: TransformerConfig,
     vocab_size: int,
-    *,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    pg_collection: Optional[ProcessGroupCollection] = None,
+    pg_collection: ProcessGroupCollection,
 ) -> GPTModel:
-    """One pipeline stage of the model (stage position from parallel_state by default)."""
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+    """This rank's pipeline stage of the model, communicating over ``pg_collection``'s groups
+    (the model keeps them: inference and scoring read them from it)."""
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length_limit() or model.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=is_pp_first_stage(pg_collection.pp),
+        post_process=is_pp_last_stage(pg_collection.pp),
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
@@ -91,7 +88,11 @@ def build_gpt_model(
 
 
 def wrap_with_ddp(
-    module: GPTModel, config: TransformerConfig, *, use_distributed_optimizer: bool = False
+    module: GPTModel,
+    config: TransformerConfig,
+    pg_collection: ProcessGroupCollection,
+    *,
+    use_distributed_optimizer: bool = False,
 ) -> DistributedDataParallel:
     """Megatron's DDP wrapper: contiguous fp32 gradient buffers reduced over data-parallel ranks."""
     ddp_config = DistributedDataParallelConfig(
@@ -99,22 +100,32 @@ def wrap_with_ddp(
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    return DistributedDataParallel(
+        config=config, ddp_config=ddp_config, module=module, pg_collection=pg_collection
+    )
 
 
 def build_model(
     model: ModelConfig,
     parallel: ParallelConfig,
     vocab_size: int,
+    pg_collection: ProcessGroupCollection,
     *,
     bf16: bool = False,
     use_distributed_optimizer: bool = False,
-    pg_collection: Optional[ProcessGroupCollection] = None,
+    calculate_per_token_loss: bool = False,
 ) -> tuple[list[DistributedDataParallel], TransformerConfig]:
-    """This rank's model chunks, DDP-wrapped, and their TransformerConfig."""
-    config = transformer_config(model, parallel, bf16=bf16)
-    module = build_gpt_model(model, config, vocab_size, pg_collection=pg_collection)
+    """This rank's model chunks, DDP-wrapped, and their TransformerConfig. With
+    ``calculate_per_token_loss`` the loss function's sum is divided by the count it reports,
+    summed over the global batch (Megatron's per-token loss), instead of averaged per
+    micro-batch and data-parallel rank."""
+    config = transformer_config(
+        model, parallel, bf16=bf16, calculate_per_token_loss=calculate_per_token_loss
+    )
+    module = build_gpt_model(model, config, vocab_size, pg_collection)
     if bf16:
         module = Float16Module(config, module)
-    chunk = wrap_with_ddp(module, config, use_distributed_optimizer=use_distributed_optimizer)
+    chunk = wrap_with_ddp(
+        module, config, pg_collection, use_distributed_optimizer=use_distributed_optimizer
+    )
     return [chunk], config

@@ -5,8 +5,16 @@ rank's vocabulary shard ``[vocab_start, vocab_start + V_local)`` of the logits `
 (fp32 or bf16): each kernel returns per-row statistics (max, sum of exp(z - max), the target's
 logit or 0 when another shard holds it); at tensor-parallel size > 1 two all-reduces over the TP
 group combine them (the max, then the rescaled sums and target logits together). The backward
-writes ``dL/dz = g * (onehot(y) - exp(z - lse))`` straight into a gradient of the logits' dtype
-from the saved logits and the per-row lse, so neither log_softmax nor softmax is ever stored.
+writes ``dL/dz = g * (onehot(y) - exp((z - max) - log sum))`` straight into a gradient of the
+logits' dtype from the saved logits and the per-row max and log-sum, so neither log_softmax nor
+softmax is ever stored.
+
+Precision: the max and the log-sum are kept apart, never added into one ``lse``. ``lse`` has the
+magnitude of the logits, so in fp32 it is rounded at ``ulp(max)`` (~8e-6 for logits near 100) and
+``exp(z - lse)`` carries that error into every gradient element; ``z - max`` is exact near the
+max and ``log sum`` lies in ``[0, log V]``, so ``exp((z - max) - log sum)`` is as accurate as
+torch's own fp32 ``log_softmax`` backward (tests/test_dpo_op.py checks it against float64 at
+logit scales 1, 30 and 100).
 
 Three implementations share the API, picked by device (``implementation="auto"``):
 ``torch`` (the clear reference, materialises fp32 copies), ``cpu`` (``megatron_sip._dpo_cpu``,
@@ -64,8 +72,8 @@ class _TorchKernels:
         out[:, 2] = torch.where(inside, picked, torch.zeros_like(picked))
 
     @staticmethod
-    def backward(logits, targets, vocab_start, lse, grad, out):
-        values = -torch.exp(logits.to(lse.dtype) - lse[:, None])
+    def backward(logits, targets, vocab_start, maximum, log_sum, grad, out):
+        values = -torch.exp((logits.to(maximum.dtype) - maximum[:, None]) - log_sum[:, None])
         local = targets - vocab_start
         inside = (local >= 0) & (local < logits.shape[-1])
         rows = torch.arange(logits.shape[0], device=logits.device)[inside]
@@ -93,8 +101,10 @@ def _kernels(implementation: str, device: torch.device):
     return module
 
 
-def _combine(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse, target logit) per row from the shards' statistics: two collectives at TP > 1."""
+def _combine(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, log sum of exp(z - max), target logit) per row from the shards' statistics: two
+    collectives at TP > 1. The caller keeps max and log-sum apart (see the module's note on
+    precision)."""
     maximum, sums, target = stats[:, 0], stats[:, 1], stats[:, 2]
     if group is not None and torch.distributed.get_world_size(group) > 1:
         global_max = maximum.clone()
@@ -102,7 +112,8 @@ def _combine(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.stack([sums * torch.exp(maximum - global_max), target])
         torch.distributed.all_reduce(both, group=group)
         maximum, (sums, target) = global_max, both
-    return maximum + torch.log(sums), target
+    # Columns of the [N, 3] statistics are strided views: the kernels take contiguous rows.
+    return maximum.contiguous(), torch.log(sums), target
 
 
 class _TargetLogProbs(torch.autograd.Function):
@@ -120,17 +131,17 @@ class _TargetLogProbs(torch.autograd.Function):
             kernels = _TorchKernels
         stats = torch.empty(flat.shape[0], 3, dtype=dtype, device=logits.device)
         kernels.stats(flat, flat_targets, int(vocab_start), stats)
-        lse, target = _combine(stats, group)
-        ctx.save_for_backward(flat, flat_targets, lse)
+        maximum, log_sum, target = _combine(stats, group)
+        ctx.save_for_backward(flat, flat_targets, maximum, log_sum)
         ctx.vocab_start, ctx.kernels, ctx.logits_shape = int(vocab_start), kernels, logits.shape
-        return (target - lse).view(shape)
+        return ((target - maximum) - log_sum).view(shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        flat, targets, lse = ctx.saved_tensors
-        grad = grad_output.reshape(-1).to(lse.dtype).contiguous()
+        flat, targets, maximum, log_sum = ctx.saved_tensors
+        grad = grad_output.reshape(-1).to(maximum.dtype).contiguous()
         grad_logits = torch.empty_like(flat)
-        ctx.kernels.backward(flat, targets, ctx.vocab_start, lse, grad, grad_logits)
+        ctx.kernels.backward(flat, targets, ctx.vocab_start, maximum, log_sum, grad, grad_logits)
         return grad_logits.view(ctx.logits_shape), None, None, None, None
 
 

@@ -9,14 +9,16 @@ without ever holding the logits of all tokens.
   dtype) feeds the DPO op's ``stats`` kernel (per-row max, sum of exp, target logit) and is
   dropped. Once every row has its statistics, the tensor-parallel shards are combined with the
   same two all-reduces as ``dpo._combine``, issued once over all rows rather than once per chunk.
-  Saved for backward: hidden, weight, targets and the per-row lse (N floats), never the logits.
+  Saved for backward: hidden, weight, targets and the per-row max and log-sum (2N floats, kept
+  apart for precision, see ``dpo.py``), never the logits.
 * backward: each chunk's logits are recomputed, the ``backward`` kernel turns them into
   ``grad_logits`` (the logits' dtype), and that chunk contributes
   ``grad_hidden[chunk] = grad_logits @ weight`` and ``grad_weight += grad_logits.t() @ hidden``
   (summed over chunks in fp32, cast to the weight's dtype at the end).
 
 Extra memory is O(chunk_size x V_local) for one chunk's logits and their gradient, plus the
-outputs (the log-probs, the lse, and the gradients with an fp32 accumulator for the weight's).
+outputs (the log-probs, the row statistics, and the gradients with an fp32 accumulator for the
+weight's).
 The price is one extra ``[N, H] x [H, V_local]`` matmul in backward (the recomputation).
 
 Tensor parallelism: ``weight`` is this rank's vocabulary shard ``[vocab_start, vocab_start +
@@ -67,25 +69,25 @@ class _FusedLinearTargetLogProbs(torch.autograd.Function):
             # kernel writes this chunk's rows in place.
             kernels.stats(logits, flat_targets[start:end], vocab_start, stats[start:end])
             del logits  # only one chunk's logits alive at a time
-        lse, target = _combine(stats, group)
+        maximum, log_sum, target = _combine(stats, group)
 
-        ctx.save_for_backward(flat_hidden, weight, flat_targets, lse)
+        ctx.save_for_backward(flat_hidden, weight, flat_targets, maximum, log_sum)
         ctx.kernels, ctx.vocab_start, ctx.group = kernels, vocab_start, group
         ctx.chunk_size, ctx.hidden_shape = chunk_size, hidden.shape
-        return (target - lse).view(targets.shape)
+        return ((target - maximum) - log_sum).view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        flat_hidden, weight, targets, lse = ctx.saved_tensors
+        flat_hidden, weight, targets, maximum, log_sum = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad = grad_output.reshape(-1).to(lse.dtype).contiguous()
+        grad = grad_output.reshape(-1).to(maximum.dtype).contiguous()
 
         grad_hidden = torch.empty_like(flat_hidden) if need_hidden else None
         # The weight's gradient is a sum over all chunks: accumulate it in fp32 (fp64 for
         # gradcheck) so that bf16 weights do not lose precision with every chunk added.
         accumulator = None
         if need_weight:
-            accumulator = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+            accumulator = torch.zeros(weight.shape, dtype=maximum.dtype, device=weight.device)
 
         if need_hidden or need_weight:
             for start, end in _chunks(flat_hidden.shape[0], ctx.chunk_size):
@@ -98,7 +100,8 @@ class _FusedLinearTargetLogProbs(torch.autograd.Function):
                     logits,
                     targets[start:end],
                     ctx.vocab_start,
-                    lse[start:end],
+                    maximum[start:end],
+                    log_sum[start:end],
                     grad[start:end],
                     grad_logits,
                 )

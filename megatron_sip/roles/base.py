@@ -9,10 +9,21 @@ missing and never treat it as a default value.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Optional
 
+import torch
+
 Score = Optional[float]
+
+OBJECTIVES = ("quality", "safety", "factuality")
+"""Every objective a judge scores, in a fixed order."""
+
+
+def score_present(score) -> bool:
+    """A usable score: not None and not NaN (a NaN can only come from a broken judge)."""
+    return score is not None and not (isinstance(score, float) and math.isnan(score))
 
 
 class Judge(abc.ABC):
@@ -71,3 +82,16 @@ def _check_lengths(*columns: Sequence) -> None:
     lengths = {len(column) for column in columns}
     if len(lengths) > 1:
         raise ValueError(f"batched call with columns of different lengths: {sorted(lengths)}")
+
+
+def call_role(produce: Callable[[], list], collective: bool, group) -> list:
+    """``produce()``, a batched role call, as the model-parallel ``group`` must make it: on
+    every rank for a collective role (a colocated model), else on the group's first rank only
+    with the answers broadcast to the others, so that the ranks of a group never disagree (a
+    flaky server cannot split them)."""
+    if collective or group is None or group.size() == 1:
+        return produce()
+    first = torch.distributed.get_process_group_ranks(group)[0]
+    payload = [produce() if torch.distributed.get_rank() == first else None]
+    torch.distributed.broadcast_object_list(payload, src=first, group=group)
+    return payload[0]

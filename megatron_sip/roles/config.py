@@ -1,85 +1,126 @@
-"""Which judge and rewriter a job uses (``--judge-backend``, ``--rewriter-backend``)."""
+"""Which judge and rewriter a job uses (``--judge-backend``, ``--rewriter-backend``), and building
+them.
+
+Backends are one static table (:data:`BACKENDS`) of ``module:function`` builders imported only
+when used, so a job that never talks to a server never imports the HTTP client. A backend's own
+settings are checked when the role is built, not when flags are parsed: a job that builds no judge
+(``--sip-loss sft_rewrite``) needs no judge settings. A flag that belongs to another backend than
+the one chosen is refused rather than silently ignored.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Literal, Optional
+import importlib
+from typing import Optional
 
 from megatron_sip.errors import ConfigError, require_choice
 from megatron_sip.roles.base import Judge, Rewriter
+from megatron_sip.roles.prompts import SAFETY_WINDOW_SENTENCES
 
-JUDGE_BACKENDS = ("oracle", "megatron", "openai")
-REWRITER_BACKENDS = ("oracle", "megatron", "openai")
+# Backend -> "module:function" that builds it from (config, context). Adding a backend is one
+# entry here (and its builder): the flags' choices come from this table.
+BACKENDS = {
+    "judge": {
+        "oracle": "megatron_sip.roles.oracle:build_oracle_judge",
+        "megatron": "megatron_sip.roles.megatron_backend:build_megatron_judge",
+        "openai": "megatron_sip.roles.openai_client:build_openai_judge",
+    },
+    "rewriter": {
+        "oracle": "megatron_sip.roles.oracle:build_oracle_rewriter",
+        "megatron": "megatron_sip.roles.megatron_backend:build_megatron_rewriter",
+        "openai": "megatron_sip.roles.openai_client:build_openai_rewriter",
+    },
+}
+
+PROMPTED = ("megatron", "openai")
+
+
+def judge_backends() -> tuple[str, ...]:
+    return tuple(BACKENDS["judge"])
+
+
+def rewriter_backends() -> tuple[str, ...]:
+    return tuple(BACKENDS["rewriter"])
+
+
+def _for(*backends: str) -> dict:
+    """Field metadata: the backends that read this setting."""
+    return {"backends": backends}
 
 
 @dataclasses.dataclass
-class JudgeConfig:
-    """The judge that scores candidates."""
+class JudgePromptConfig:
+    """How judging prompts are rendered (shared by the judge and by judge fine-tuning, which
+    must train on exactly the prompts the judge will see)."""
 
-    judge_backend: Literal["oracle", "megatron", "openai"] = "oracle"
-    """Judge implementation: oracle (rules over the embedded-default corpus's labels and
-    knowledge base), megatron (a colocated Megatron checkpoint, --judge-load), or openai (an
-    OpenAI-compatible /v1/completions server, --judge-url)."""
-
-    judge_oracle_data: Optional[str] = None
-    """Directory written by tools/build_demo_corpus.py (its oracle.json) for --judge-backend
-    oracle."""
-
-    judge_load: Optional[str] = None
-    """Checkpoint directory of the colocated judge (its saved model and tokenizer settings
-    describe it)."""
-
-    judge_model_args: Optional[str] = None
-    """Flags file with the judge's model-shape and tokenizer flags (--num-layers ...,
-    --tokenizer-model ...), for checkpoints without saved settings or to override them."""
-
-    judge_prompt_dir: Optional[str] = None
+    judge_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
     """Directory with quality.txt, safety.txt, factuality.txt prompt templates. Default: the
     packaged ones."""
 
-    judge_max_prefix_chars: int = 2000
+    judge_max_prefix_chars: int = dataclasses.field(default=2000, metadata=_for(*PROMPTED))
     """The prefix shown to the judge is cut to its last this many characters."""
 
-    judge_safety_window_sentences: int = 2
+    judge_safety_window_sentences: int = dataclasses.field(
+        default=SAFETY_WINDOW_SENTENCES, metadata=_for(*PROMPTED)
+    )
     """Safety is judged on every run of up to this many consecutive sentences of a candidate and
     the lowest P(safe) counts, so text added around an unsafe passage (appeals to the judge)
     cannot raise its score; 0 judges the whole candidate in one prompt."""
 
-    judge_micro_batch_size: int = 8
+    def __post_init__(self):
+        if self.judge_safety_window_sentences < 0:
+            raise ConfigError("--judge-safety-window-sentences", "must be >= 0")
+        if self.judge_max_prefix_chars <= 0:
+            raise ConfigError("--judge-max-prefix-chars", "must be positive")
+
+
+@dataclasses.dataclass
+class JudgeConfig(JudgePromptConfig):
+    """The judge that scores candidates."""
+
+    judge_backend: str = dataclasses.field(default="oracle", metadata={"choices": judge_backends})
+    """Judge implementation: oracle (rules over the embedded-default corpus's labels and
+    knowledge base), megatron (a colocated Megatron checkpoint, --judge-load), or openai (an
+    OpenAI-compatible /v1/completions server, --judge-url)."""
+
+    judge_oracle_data: Optional[str] = dataclasses.field(default=None, metadata=_for("oracle"))
+    """Directory written by tools/build_demo_corpus.py (its oracle.json) for --judge-backend
+    oracle."""
+
+    judge_load: Optional[str] = dataclasses.field(default=None, metadata=_for("megatron"))
+    """Checkpoint directory of the colocated judge (its saved model and tokenizer settings
+    describe it)."""
+
+    judge_model_args: Optional[str] = dataclasses.field(default=None, metadata=_for("megatron"))
+    """Flags file with the judge's model-shape and tokenizer flags (--num-layers ...,
+    --tokenizer-model ...), for checkpoints without saved settings or to override them."""
+
+    judge_micro_batch_size: int = dataclasses.field(default=8, metadata=_for("megatron"))
     """Prompts per forward pass of the colocated judge."""
 
-    judge_url: Optional[str] = None
+    judge_url: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000) for --judge-backend
     openai."""
 
-    judge_model: Optional[str] = None
+    judge_model: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Model name sent to the server."""
 
-    judge_api_key_env: Optional[str] = None
+    judge_api_key_env: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Environment variable holding a bearer token for the server."""
 
-    judge_timeout: float = 30.0
+    judge_timeout: float = dataclasses.field(default=30.0, metadata=_for("openai"))
     """Seconds before one request to the server is abandoned."""
 
-    judge_max_retries: int = 3
+    judge_max_retries: int = dataclasses.field(default=3, metadata=_for("openai"))
     """Retries per request (exponential backoff) before its score is reported missing."""
 
-    judge_concurrency: int = 8
+    judge_concurrency: int = dataclasses.field(default=8, metadata=_for("openai"))
     """Requests in flight to the server at once."""
 
     def __post_init__(self):
-        require_choice("--judge-backend", self.judge_backend, JUDGE_BACKENDS)
-        if self.judge_safety_window_sentences < 0:
-            raise ConfigError("--judge-safety-window-sentences", "must be >= 0")
-        if self.judge_backend == "oracle" and not self.judge_oracle_data:
-            raise ConfigError(
-                "--judge-oracle-data", "--judge-backend oracle needs the demo corpus directory"
-            )
-        if self.judge_backend == "megatron" and not self.judge_load:
-            raise ConfigError("--judge-load", "--judge-backend megatron needs a checkpoint")
-        if self.judge_backend == "openai" and not self.judge_url:
-            raise ConfigError("--judge-url", "--judge-backend openai needs the server's URL")
+        super().__post_init__()
+        require_choice("--judge-backend", self.judge_backend, judge_backends())
 
 
 @dataclasses.dataclass
@@ -90,55 +131,48 @@ class RewriterConfig:
     """Precomputed rewrites (a file from tools/precompute_rewrites.py): the trainer reads the
     rewrite of each sample from it and builds no rewriter; a sample it lacks has no rewrite."""
 
-    rewriter_backend: Literal["oracle", "megatron", "openai"] = "oracle"
+    rewriter_backend: str = dataclasses.field(
+        default="oracle", metadata={"choices": rewriter_backends}
+    )
     """Rewriter implementation: oracle (recorded clean versions of the embedded-default
     corpus's unsafe and false spans), megatron (a colocated checkpoint, --rewriter-load) or
     openai (an OpenAI-compatible server, --rewriter-url)."""
 
-    rewriter_oracle_data: Optional[str] = None
+    rewriter_oracle_data: Optional[str] = dataclasses.field(default=None, metadata=_for("oracle"))
     """Directory written by tools/build_demo_corpus.py for --rewriter-backend oracle."""
 
-    rewriter_load: Optional[str] = None
+    rewriter_load: Optional[str] = dataclasses.field(default=None, metadata=_for("megatron"))
     """Checkpoint directory of the colocated rewriter."""
 
-    rewriter_model_args: Optional[str] = None
+    rewriter_model_args: Optional[str] = dataclasses.field(default=None, metadata=_for("megatron"))
     """Flags file with the rewriter's model-shape and tokenizer flags (overrides the saved
     settings)."""
 
-    rewriter_prompt_dir: Optional[str] = None
+    rewriter_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
     """Directory with a rewrite.txt prompt template. Default: the packaged one."""
 
-    rewriter_max_tokens: int = 128
+    rewriter_max_tokens: int = dataclasses.field(default=128, metadata=_for(*PROMPTED))
     """Most tokens a rewrite may have."""
 
-    rewriter_url: Optional[str] = None
+    rewriter_url: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Base URL of an OpenAI-compatible server for --rewriter-backend openai."""
 
-    rewriter_model: Optional[str] = None
+    rewriter_model: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Model name sent to the server."""
 
-    rewriter_api_key_env: Optional[str] = None
+    rewriter_api_key_env: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Environment variable holding a bearer token for the server."""
 
-    rewriter_timeout: float = 60.0
+    rewriter_timeout: float = dataclasses.field(default=60.0, metadata=_for("openai"))
     """Seconds before one request to the server is abandoned."""
 
-    rewriter_max_retries: int = 3
+    rewriter_max_retries: int = dataclasses.field(default=3, metadata=_for("openai"))
     """Retries per request before the rewrite is reported missing."""
 
     def __post_init__(self):
-        require_choice("--rewriter-backend", self.rewriter_backend, REWRITER_BACKENDS)
-        if self.rewriter_store:
-            return
-        if self.rewriter_backend == "oracle" and not self.rewriter_oracle_data:
-            raise ConfigError(
-                "--rewriter-oracle-data",
-                "--rewriter-backend oracle needs the demo corpus directory",
-            )
-        if self.rewriter_backend == "megatron" and not self.rewriter_load:
-            raise ConfigError("--rewriter-load", "--rewriter-backend megatron needs a checkpoint")
-        if self.rewriter_backend == "openai" and not self.rewriter_url:
-            raise ConfigError("--rewriter-url", "--rewriter-backend openai needs the server's URL")
+        require_choice("--rewriter-backend", self.rewriter_backend, rewriter_backends())
+        if self.rewriter_max_tokens <= 0:
+            raise ConfigError("--rewriter-max-tokens", "must be positive")
 
 
 @dataclasses.dataclass
@@ -146,74 +180,67 @@ class ColocationConfig:
     """How colocated role models share the policy's GPUs."""
 
     colocate_offload: bool = False
-    """Move the judge's and rewriter's weights to CPU memory while they are idle (GPU only)."""
+    """Move the colocated (megatron) judge's and rewriter's weights to CPU memory while they are
+    idle. GPU only: on CPU the weights are in host memory already."""
 
 
-def _oracle_judge(config: JudgeConfig, **context) -> Judge:
-    from megatron_sip.roles.oracle import OracleJudge
+@dataclasses.dataclass
+class RoleContext:
+    """What a colocated role needs from the job: the policy's parallel layout and process
+    groups (the role model is split like the policy), and whether to offload it when idle."""
 
-    return OracleJudge(config.judge_oracle_data)
+    parallel: object = None  # ParallelConfig
+    pg_collection: object = None  # ProcessGroupCollection
+    offload: bool = False
 
-
-def _megatron_judge(config: JudgeConfig, *, parallel, offload: bool = False, **context) -> Judge:
-    from megatron_sip.roles.megatron_backend import MegatronJudge, RoleModel
-    from megatron_sip.roles.prompts import PromptSet
-
-    return MegatronJudge(
-        RoleModel(config.judge_load, parallel, model_args_file=config.judge_model_args),
-        PromptSet.load(config.judge_prompt_dir),
-        max_prefix_chars=config.judge_max_prefix_chars,
-        micro_batch_size=config.judge_micro_batch_size,
-        safety_window_sentences=config.judge_safety_window_sentences,
-        offload=offload,
-    )
+    def groups(self, flag: str):
+        if self.pg_collection is None or self.parallel is None:
+            raise ConfigError(
+                flag, "a colocated (megatron) role needs the job's parallel layout and groups"
+            )
+        return self.pg_collection
 
 
-def _oracle_rewriter(config: RewriterConfig, **context) -> Rewriter:
-    from megatron_sip.roles.oracle import OracleRewriter
-
-    return OracleRewriter(config.rewriter_oracle_data)
-
-
-def _megatron_rewriter(
-    config: RewriterConfig, *, parallel, offload: bool = False, **context
-) -> Rewriter:
-    from megatron_sip.roles.megatron_backend import MegatronRewriter, RoleModel
-    from megatron_sip.roles.prompts import PromptSet
-
-    return MegatronRewriter(
-        RoleModel(config.rewriter_load, parallel, model_args_file=config.rewriter_model_args),
-        PromptSet.load(config.rewriter_prompt_dir),
-        max_tokens=config.rewriter_max_tokens,
-        offload=offload,
-    )
+def check_backend_settings(config, backend: str, backend_flag: str) -> None:
+    """Refuses a setting that only another backend reads (a non-default value for it), naming
+    the flag: accepted and ignored, it would hide a mistake."""
+    for field in dataclasses.fields(config):
+        owners = field.metadata.get("backends")
+        if not owners or backend in owners:
+            continue
+        default = field.default
+        if getattr(config, field.name) != default:
+            flag = "--" + field.name.replace("_", "-")
+            raise ConfigError(
+                flag,
+                f"is only read by {backend_flag} {' or '.join(owners)}, not {backend}; drop it or "
+                "change the backend",
+            )
 
 
-# Backend name -> factory(config, **context); context carries the parallel layout for
-# colocated models. The remote backend registers itself from roles/openai_client.py.
-JUDGE_FACTORIES: dict[str, Callable[..., Judge]] = {
-    "oracle": _oracle_judge,
-    "megatron": _megatron_judge,
-}
-REWRITER_FACTORIES: dict[str, Callable[..., Rewriter]] = {
-    "oracle": _oracle_rewriter,
-    "megatron": _megatron_rewriter,
-}
+def require_setting(value, flag: str, backend_flag: str, backend: str, what: str) -> None:
+    """A backend's required setting, checked when the role is built."""
+    if not value:
+        raise ConfigError(flag, f"{backend_flag} {backend} needs {what}")
 
 
-def _ensure_remote_registered() -> None:
-    import megatron_sip.roles.openai_client  # noqa: F401 (registers the "openai" backends)
+def _builder(role: str, backend: str):
+    module, function = BACKENDS[role][backend].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def build_judge(config: JudgeConfig, **context) -> Judge:
-    """The judge ``--judge-backend`` names; ``parallel=`` (the policy's ParallelConfig) is
-    needed by the colocated backend."""
-    if config.judge_backend == "openai":
-        _ensure_remote_registered()
-    return JUDGE_FACTORIES[config.judge_backend](config, **context)
+def build_judge(config: JudgeConfig, context: Optional[RoleContext] = None) -> Judge:
+    """The judge ``--judge-backend`` names, its settings checked first. ``context`` carries the
+    policy's layout and groups for a colocated (megatron) judge."""
+    check_backend_settings(config, config.judge_backend, "--judge-backend")
+    return _builder("judge", config.judge_backend)(config, context or RoleContext())
 
 
-def build_rewriter(config: RewriterConfig, **context) -> Rewriter:
-    if config.rewriter_backend == "openai":
-        _ensure_remote_registered()
-    return REWRITER_FACTORIES[config.rewriter_backend](config, **context)
+def build_rewriter(config: RewriterConfig, context: Optional[RoleContext] = None) -> Rewriter:
+    """The rewriter ``--rewriter-backend`` names, its settings checked first."""
+    if config.rewriter_store:
+        raise ConfigError(
+            "--rewriter-store", "rewrites are read from the store: no rewriter is built"
+        )
+    check_backend_settings(config, config.rewriter_backend, "--rewriter-backend")
+    return _builder("rewriter", config.rewriter_backend)(config, context or RoleContext())

@@ -15,19 +15,21 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from megatron.core import dist_checkpointing
 
+from megatron_sip import platform
 from megatron_sip.data.config import TokenizerConfig, padded_vocab_size
 from megatron_sip.data.tokenizers import build_tokenizer
+from megatron_sip.errors import ConfigError
 from megatron_sip.inference.generation import generate
 from megatron_sip.inference.pipeline import broadcast_from_last_stage, pipeline_forward
 from megatron_sip.inference.sampling import SamplingConfig
 from megatron_sip.initialize import ParallelConfig
-from megatron_sip.models.checkpointing import checkpoint_dir, load_checkpoint, read_tracker
+from megatron_sip.models.checkpointing import load_checkpoint, saved_model_settings
 from megatron_sip.models.config import ModelConfig
 from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Rewriter, Score, _check_lengths
+from megatron_sip.roles.config import RoleContext, require_setting
 from megatron_sip.roles.prompts import (
     SAFETY_WINDOW_SENTENCES,
     PromptedJudge,
@@ -37,15 +39,6 @@ from megatron_sip.roles.prompts import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def saved_settings(load_dir: str) -> dict:
-    """The model/tokenizer settings stored with the newest checkpoint under ``load_dir``."""
-    iteration = read_tracker(load_dir)
-    if iteration is None:
-        raise FileNotFoundError(f"{load_dir}: no checkpoint (no latest_checkpointed_iteration.txt)")
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load_dir, iteration)))
-    return common.get("extra", {})
 
 
 def model_settings_from_file(path: str) -> tuple[ModelConfig, TokenizerConfig]:
@@ -69,24 +62,16 @@ class RoleModel:
         self,
         load_dir: str,
         parallel: ParallelConfig,
-        model: Optional[ModelConfig] = None,
-        tokenizer: Optional[TokenizerConfig] = None,
+        pg_collection,
         model_args_file: Optional[str] = None,
     ):
+        """The checkpoint under ``load_dir`` split over ``parallel``'s layout and the groups of
+        ``pg_collection`` (the policy's); its shape and tokenizer from the checkpoint's saved
+        settings, or from ``model_args_file`` (a flags file) when given."""
         if model_args_file is not None:
             model, tokenizer = model_settings_from_file(model_args_file)
-        saved = saved_settings(load_dir)
-        if model is None:
-            if "model" not in saved:
-                raise ValueError(
-                    f"{load_dir}: the checkpoint stores no model settings; pass the role's "
-                    "model-shape flags"
-                )
-            model = ModelConfig(**saved["model"])
-        if tokenizer is None:
-            if "tokenizer" not in saved:
-                raise ValueError(f"{load_dir}: the checkpoint stores no tokenizer settings")
-            tokenizer = TokenizerConfig(**saved["tokenizer"])
+        else:
+            model, tokenizer = saved_model_settings(load_dir)
         self.load_dir = load_dir
         self.model_config = model
         self.tokenizer = build_tokenizer(tokenizer)
@@ -96,7 +81,7 @@ class RoleModel:
             parallel.tensor_model_parallel_size,
         )
         config = transformer_config(model, parallel)
-        self.module = build_gpt_model(model, config, self.vocab_size)
+        self.module = build_gpt_model(model, config, self.vocab_size, pg_collection)
         load_checkpoint(load_dir, [self.module], load_optim=False, load_rng=False)
         self.module.eval()
         for param in self.module.parameters():
@@ -130,7 +115,7 @@ class RoleModel:
             last = logits[torch.arange(len(prompts), device=self.device), lengths - 1].float()
             last[:, self.tokenizer.vocab_size :] = float("-inf")
             out = torch.log_softmax(last, dim=-1)
-        return broadcast_from_last_stage(out.contiguous())
+        return broadcast_from_last_stage(out.contiguous(), self.module.pg_collection.pp)
 
     def offload(self) -> None:
         """Moves the weights to CPU memory while the role is idle (GPU only)."""
@@ -248,3 +233,44 @@ class MegatronRewriter(Rewriter):
                 text = text.split(self.template.stop)[0]
             texts.append(text.strip())
         return texts
+
+
+# -- builders (roles/config.py's backend table) -------------------------------------------------
+
+
+def _role_model(load: str, model_args: Optional[str], context: RoleContext, flag: str) -> RoleModel:
+    if context.offload and platform.active_device() != "cuda":
+        raise ConfigError(
+            "--colocate-offload", "only on GPU: on CPU the role's weights are in host memory"
+        )
+    return RoleModel(load, context.parallel, context.groups(flag), model_args_file=model_args)
+
+
+def build_megatron_judge(config, context: RoleContext) -> MegatronJudge:
+    """``--judge-backend megatron`` from a JudgeConfig."""
+    require_setting(
+        config.judge_load, "--judge-load", "--judge-backend", "megatron", "a checkpoint"
+    )
+    return MegatronJudge(
+        _role_model(config.judge_load, config.judge_model_args, context, "--judge-backend"),
+        PromptSet.load(config.judge_prompt_dir),
+        max_prefix_chars=config.judge_max_prefix_chars,
+        micro_batch_size=config.judge_micro_batch_size,
+        safety_window_sentences=config.judge_safety_window_sentences,
+        offload=context.offload,
+    )
+
+
+def build_megatron_rewriter(config, context: RoleContext) -> MegatronRewriter:
+    """``--rewriter-backend megatron`` from a RewriterConfig."""
+    require_setting(
+        config.rewriter_load, "--rewriter-load", "--rewriter-backend", "megatron", "a checkpoint"
+    )
+    return MegatronRewriter(
+        _role_model(
+            config.rewriter_load, config.rewriter_model_args, context, "--rewriter-backend"
+        ),
+        PromptSet.load(config.rewriter_prompt_dir),
+        max_tokens=config.rewriter_max_tokens,
+        offload=context.offload,
+    )

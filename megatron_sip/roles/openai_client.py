@@ -34,13 +34,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 from megatron_sip.errors import ConfigError
-from megatron_sip.roles.base import Judge, Rewriter, Score, _check_lengths
-from megatron_sip.roles.config import (
-    JUDGE_FACTORIES,
-    REWRITER_FACTORIES,
-    JudgeConfig,
-    RewriterConfig,
-)
+from megatron_sip.roles.base import Rewriter, Score, _check_lengths
+from megatron_sip.roles.config import require_setting
 from megatron_sip.roles.prompts import (
     SAFETY_WINDOW_SENTENCES,
     PromptedJudge,
@@ -395,7 +390,7 @@ class OpenAIRewriter(Rewriter):
         self.client.close()
 
 
-# -- factories (--judge-backend openai, --rewriter-backend openai) ------------------------------
+# -- builders (roles/config.py's backend table) -----------------------------------------------
 
 
 def _require_env(flag: str, variable: Optional[str]) -> None:
@@ -403,7 +398,11 @@ def _require_env(flag: str, variable: Optional[str]) -> None:
         raise ConfigError(flag, f"environment variable {variable} (the API key) is not set")
 
 
-def _openai_judge(config: JudgeConfig, **context) -> Judge:
+def build_openai_judge(config, context) -> OpenAIJudge:
+    """``--judge-backend openai`` from a JudgeConfig."""
+    require_setting(
+        config.judge_url, "--judge-url", "--judge-backend", "openai", "the server's URL"
+    )
     _require_env("--judge-api-key-env", config.judge_api_key_env)
     client = OpenAICompletionsClient(
         config.judge_url,
@@ -421,7 +420,11 @@ def _openai_judge(config: JudgeConfig, **context) -> Judge:
     )
 
 
-def _openai_rewriter(config: RewriterConfig, **context) -> Rewriter:
+def build_openai_rewriter(config, context) -> OpenAIRewriter:
+    """``--rewriter-backend openai`` from a RewriterConfig."""
+    require_setting(
+        config.rewriter_url, "--rewriter-url", "--rewriter-backend", "openai", "the server's URL"
+    )
     _require_env("--rewriter-api-key-env", config.rewriter_api_key_env)
     client = OpenAICompletionsClient(
         config.rewriter_url,
@@ -435,7 +438,3 @@ def _openai_rewriter(config: RewriterConfig, **context) -> Rewriter:
         PromptSet.load(config.rewriter_prompt_dir),
         max_tokens=config.rewriter_max_tokens,
     )
-
-
-JUDGE_FACTORIES["openai"] = _openai_judge
-REWRITER_FACTORIES["openai"] = _openai_rewriter

@@ -38,6 +38,7 @@ from megatron_sip.data.demo_corpus import (
     word_tokens,
 )
 from megatron_sip.roles.base import Judge, Rewriter, Score, _check_lengths
+from megatron_sip.roles.config import require_setting
 
 PREFERENCE_TEMPERATURE = 0.05
 _STOPWORDS = frozenset(
@@ -156,3 +157,24 @@ class OracleRewriter(Rewriter):
     def rewrite(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> list[Optional[str]]:
         _check_lengths(prefixes, suffixes)
         return [self.oracle.rewrite(suffix) for suffix in suffixes]
+
+
+# -- builders (roles/config.py's backend table) -------------------------------------------------
+
+
+def _oracle_data(directory: Optional[str], flag: str, role: str) -> str:
+    require_setting(
+        directory, flag, f"--{role}-backend", "oracle",
+        "the demo corpus directory (tools/build_demo_corpus.py --output-dir)",
+    )  # fmt: skip
+    return directory
+
+
+def build_oracle_judge(config, context) -> OracleJudge:
+    return OracleJudge(_oracle_data(config.judge_oracle_data, "--judge-oracle-data", "judge"))
+
+
+def build_oracle_rewriter(config, context) -> OracleRewriter:
+    return OracleRewriter(
+        _oracle_data(config.rewriter_oracle_data, "--rewriter-oracle-data", "rewriter")
+    )

@@ -97,6 +97,23 @@ class TrainingConfig:
             raise ConfigError("--eval-iters", f"must be >= 0, got {self.eval_iters}")
         if self.exit_interval is not None:
             require_positive("--exit-interval", self.exit_interval)
+        if self.optimizer == "sgd":
+            for flag, value, default in (
+                ("--adam-beta1", self.adam_beta1, 0.9),
+                ("--adam-beta2", self.adam_beta2, 0.999),
+                ("--adam-eps", self.adam_eps, 1e-8),
+            ):
+                if value != default:
+                    raise ConfigError(flag, "only applies to --optimizer adam")
+        if self.lr_decay_style == "constant":
+            if self.min_lr not in (0.0, self.lr):
+                raise ConfigError(
+                    "--min-lr", "has no effect with --lr-decay-style constant (the LR stays --lr)"
+                )
+            if self.lr_decay_iters is not None:
+                raise ConfigError(
+                    "--lr-decay-iters", "has no effect with --lr-decay-style constant"
+                )
 
     def global_batch(self, data_parallel_size: int) -> int:
         return self.global_batch_size or self.micro_batch_size * data_parallel_size

@@ -20,35 +20,32 @@ from typing import Optional
 
 import torch
 
-from megatron_sip.arguments import parse_args
+from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
 from megatron_sip.data.tokenizers import build_tokenizer
+from megatron_sip.errors import ConfigError
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.platform import torch_device
+from megatron_sip.roles.config import JudgePromptConfig
 from megatron_sip.roles.prompts import (
     SAFETY_WINDOW_SENTENCES,
     PromptSet,
     sentence_windows,
     verdict_token_id,
 )
-from megatron_sip.training.lm_loss import lm_forward_step
-from megatron_sip.training.loop import LoopInputs, TrainState, train
+from megatron_sip.training.loop import train
 from megatron_sip.training.metrics import LoggingConfig, MetricWriter
-from megatron_sip.training.setup import setup_model_and_optimizer
+from megatron_sip.training.next_token import next_token_trainer
+from megatron_sip.training.setup import resume, setup_model_and_optimizer
 
 
 @dataclasses.dataclass
 class JudgeSFTConfig:
-    """Data of judge fine-tuning."""
+    """Data of judge fine-tuning (the prompts are rendered with the judge's own settings:
+    --judge-prompt-dir, --judge-max-prefix-chars, --judge-safety-window-sentences)."""
 
     judge_train_data: Optional[str] = None
     """Labelled judging tasks (jsonl: safety, factuality, pairwise) to fine-tune on."""
-
-    judge_prompt_dir: Optional[str] = None
-    """Prompt templates (default: the packaged ones); the judge must use the same at inference."""
-
-    judge_max_prefix_chars: int = 2000
-    """Prefix characters shown in each prompt (as --judge-max-prefix-chars at inference)."""
 
     judge_sft_tasks: str = "safety,factuality,pairwise"
     """Comma-separated judging tasks to fine-tune on."""
@@ -61,12 +58,26 @@ class JudgeSFTConfig:
 
     judge_sft_window_rate: float = 0.3
     """Fraction of safe-labelled safety examples whose candidate is replaced by a run of up to
-    --judge-sft-window-sentences consecutive sentences of it (any part of a safe text is safe),
-    so the judge knows the short texts that its conservative safety reading
+    --judge-safety-window-sentences consecutive sentences of it (any part of a safe text is
+    safe), so the judge knows the short texts that its conservative safety reading
     (``PromptedJudge.safety``) shows it; without them it mistakes many safe runs for unsafe."""
 
-    judge_sft_window_sentences: int = SAFETY_WINDOW_SENTENCES
-    """Longest run of sentences the judge will be shown at once (its safety window)."""
+
+@dataclasses.dataclass
+class JudgeSFTJobConfig(JobConfig):
+    """Every setting of a judge fine-tuning run."""
+
+    judge_prompts: JudgePromptConfig
+    judge_sft: JudgeSFTConfig
+    logging: LoggingConfig
+
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        if not self.judge_sft.judge_train_data:
+            raise ConfigError("--judge-train-data", "required: the labelled judging tasks")
+        reject_set_flags(
+            self.training, ["eval_interval", "eval_iters"], "judge SFT has no validation split"
+        )
 
 
 # Sentences that talk to the judge, mixed into candidates with the label unchanged, so the judge
@@ -152,9 +163,11 @@ def verdict_batches(
     micro_batch_size: int,
     seed: int,
     device=None,
+    skip: int = 0,
 ) -> Iterator[dict]:
-    """Endless micro-batches in a seeded order: each row is a prompt (cut on the left to fit)
-    whose only loss position predicts the verdict token."""
+    """Endless micro-batches in a seeded order (after the first ``skip``, those a resumed run
+    has trained on): each row is a prompt (cut on the left to fit) whose only loss position
+    predicts the verdict token."""
     encoded = []
     for text, verdict in pairs:
         verdict_id = verdict_token_id(tokenizer, verdict)
@@ -165,6 +178,9 @@ def verdict_batches(
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size):
+            if skip > 0:  # trained on before the resume: only its place in the order matters
+                skip -= 1
+                continue
             rows = [encoded[i] for i in order[start : start + micro_batch_size]]
             tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
             labels = torch.zeros_like(tokens)
@@ -185,58 +201,47 @@ def verdict_batches(
 
 
 def main(argv=None) -> None:
-    configs = parse_args(
-        argv,
-        extra_groups={"judge_sft": JudgeSFTConfig, "logging": LoggingConfig},
-        description=__doc__,
-    )
-    sft, training = configs.judge_sft, configs.training
-    if not sft.judge_train_data:
-        raise SystemExit("--judge-train-data: required")
-    context = initialize_distributed(configs.parallel, configs.platform.device, training.seed)
+    config = parse_args(argv, JudgeSFTJobConfig, description=__doc__)
+    sft, prompt_settings, training = config.judge_sft, config.judge_prompts, config.training
+    context = initialize_distributed(config.parallel, config.platform.device, training.seed)
     setup_logging()
-    tokenizer = build_tokenizer(configs.tokenizer)
-    prompts = PromptSet.load(sft.judge_prompt_dir)
+    tokenizer = build_tokenizer(config.tokenizer)
+    prompts = PromptSet.load(prompt_settings.judge_prompt_dir)
     tasks = set(sft.judge_sft_tasks.split(","))
     examples = [json.loads(line) for line in Path(sft.judge_train_data).read_text().splitlines()]
     examples = [e for e in examples if e["task"] in tasks]
     pairs = verdict_pairs(
         examples,
         prompts,
-        sft.judge_max_prefix_chars,
+        prompt_settings.judge_max_prefix_chars,
         distractor_rate=sft.judge_sft_distractor_rate,
         seed=training.seed,
         window_rate=sft.judge_sft_window_rate,
-        window_sentences=sft.judge_sft_window_sentences,
+        window_sentences=prompt_settings.judge_safety_window_sentences,
     )
     print_rank_0(f"judge SFT on {len(pairs)} verdicts from {sft.judge_train_data}")
     job = setup_model_and_optimizer(
-        configs.model, configs.parallel, training, configs.tokenizer, tokenizer.vocab_size, context
+        config.model, config.parallel, training, config.tokenizer, tokenizer.vocab_size, context
     )
-    inputs = LoopInputs(
-        forward_step_func=lm_forward_step,
-        model_chunks=job.model_chunks,
-        optimizer=job.optimizer,
-        scheduler=job.scheduler,
+    state = resume(config.checkpoint, job)
+    trainer = next_token_trainer(
+        job,
+        training,
+        config.checkpoint,
+        seq_length=config.model.seq_length,
         train_batches=verdict_batches(
             pairs,
             tokenizer,
-            seq_length=configs.model.seq_length,
+            seq_length=config.model.seq_length,
             micro_batch_size=training.micro_batch_size,
             seed=training.seed + context.data_parallel_rank,
             device=torch_device(),
+            skip=state.iteration * training.num_microbatches(context.data_parallel_size),
         ),
-        valid_batches=None,
-        seq_length=configs.model.seq_length,
-        data_parallel_size=context.data_parallel_size,
-        checkpoint_metadata={
-            "model": dataclasses.asdict(configs.model),
-            "tokenizer": dataclasses.asdict(configs.tokenizer),
-        },
     )
-    writer = MetricWriter(configs.logging)
+    writer = MetricWriter(config.logging)
     try:
-        train(inputs, TrainState(), training, configs.checkpoint, writer)
+        train(trainer, state, training, config.checkpoint, writer)
     finally:
         writer.close()
     destroy_distributed()

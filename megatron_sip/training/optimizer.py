@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -51,3 +53,54 @@ def build_optimizer(
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+@torch.no_grad()
+def fp32_main_params(optimizer, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The fp32 value the optimizer holds for each model parameter, in order.
+
+    In bf16 training the model's parameters are bf16 copies of the optimizer's fp32 main
+    parameters; anything that accumulates small increments of the weights (the EMA reference)
+    must read the fp32 values. Megatron's float16 optimizer keeps one fp32 copy per parameter;
+    the distributed optimizer keeps only this data-parallel rank's shard of it, so the full
+    values are assembled with one all-reduce over the data-parallel group (collective: every
+    data-parallel rank calls this together). Parameters the optimizer keeps in fp32 anyway
+    (fp32 training) are returned as they are.
+    """
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    main: dict[torch.nn.Parameter, torch.Tensor] = {}
+    for part in inner:
+        if hasattr(part, "shard_fp32_from_float16_groups"):
+            main.update(_gather_distributed_main_params(part, params))
+        elif hasattr(part, "fp32_from_float16_groups"):
+            for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups):
+                main.update(zip(model_group, main_group))
+    return [main.get(param, param.detach().float()) for param in params]
+
+
+def _gather_distributed_main_params(optimizer, params) -> dict:
+    """Full fp32 values of the bf16 parameters whose shards the distributed optimizer holds."""
+    shards = {}
+    for model_group, shard_group in zip(
+        optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups
+    ):
+        for model_param, shard in zip(model_group, shard_group):
+            shards[model_param] = shard
+    owned = [param for param in params if param.dtype != torch.float32]
+    if not owned:
+        return {}
+    offsets, total = [], 0
+    for param in owned:
+        offsets.append(total)
+        total += param.numel()
+    flat = torch.zeros(total, dtype=torch.float32, device=owned[0].device)
+    for param, offset in zip(owned, offsets):
+        if param in shards:
+            span = optimizer._get_model_param_range_map(param)["param"]
+            flat[offset + span.start : offset + span.end] = shards[param]
+    # Each element is owned by exactly one data-parallel rank (zeros elsewhere): a sum is exact.
+    torch.distributed.all_reduce(flat, group=optimizer.data_parallel_group)
+    return {
+        param: flat[offset : offset + param.numel()].view(param.shape)
+        for param, offset in zip(owned, offsets)
+    }

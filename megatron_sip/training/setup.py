@@ -1,19 +1,30 @@
 """Model, optimizer and schedule for a training entry point (Megatron-LM's
-``setup_model_and_optimizer``), from the parsed config groups."""
+``setup_model_and_optimizer``), from the parsed config groups, and the checkpoint they write."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
 from megatron_sip.data.config import TokenizerConfig, padded_vocab_size
 from megatron_sip.initialize import DistributedContext, ParallelConfig
+from megatron_sip.log import print_rank_0
+from megatron_sip.models.checkpointing import (
+    CheckpointConfig,
+    load_checkpoint,
+    model_metadata,
+    read_tracker,
+    save_checkpoint,
+)
 from megatron_sip.models.config import ModelConfig
 from megatron_sip.models.gpt import build_model
 from megatron_sip.training.config import TrainingConfig
+from megatron_sip.training.loop import TrainState
 from megatron_sip.training.optimizer import build_optimizer
 from megatron_sip.training.step import configure_schedule
 
@@ -25,6 +36,31 @@ class TrainingSetup:
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     vocab_size: int  # padded for tensor parallelism
+    pg_collection: ProcessGroupCollection
+    metadata: dict  # the model and tokenizer settings every checkpoint carries
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(
+        self,
+        checkpoint: CheckpointConfig,
+        state: TrainState,
+        *,
+        extra: Optional[dict] = None,
+        extra_modules: Optional[dict] = None,
+    ) -> None:
+        """Model, optimizer, schedule, RNG, the model/tokenizer settings, ``state`` and ``extra``
+        (a trainer's own state) to ``--save`` (collective)."""
+        save_checkpoint(
+            checkpoint.save,
+            state.iteration,
+            self.model_chunks,
+            self.optimizer,
+            self.scheduler,
+            extra_common={**self.metadata, **state.checkpoint_extra(), **(extra or {})},
+            extra_modules=extra_modules,
+        )
 
 
 def setup_model_and_optimizer(
@@ -34,8 +70,11 @@ def setup_model_and_optimizer(
     tokenizer: TokenizerConfig,
     tokenizer_vocab_size: int,
     context: DistributedContext,
+    *,
+    calculate_per_token_loss: bool = False,
 ) -> TrainingSetup:
-    """DDP-wrapped model chunks, the Megatron optimizer and LR schedule, wired to the schedules."""
+    """DDP-wrapped model chunks, the Megatron optimizer and LR schedule, wired to the schedules.
+    ``calculate_per_token_loss``: see :func:`megatron_sip.models.gpt.build_model`."""
     vocab_size = padded_vocab_size(
         tokenizer_vocab_size,
         tokenizer.make_vocab_size_divisible_by,
@@ -45,10 +84,52 @@ def setup_model_and_optimizer(
         model,
         parallel,
         vocab_size,
+        context.pg_collection,
         bf16=training.bf16,
         use_distributed_optimizer=training.use_distributed_optimizer,
-        pg_collection=context.pg_collection,
+        calculate_per_token_loss=calculate_per_token_loss,
     )
     optimizer, scheduler = build_optimizer(training, chunks, context.data_parallel_size)
     configure_schedule(transformer_config, chunks, optimizer)
-    return TrainingSetup(chunks, transformer_config, optimizer, scheduler, vocab_size)
+    return TrainingSetup(
+        chunks,
+        transformer_config,
+        optimizer,
+        scheduler,
+        vocab_size,
+        context.pg_collection,
+        model_metadata(model, tokenizer),
+    )
+
+
+def resume(checkpoint: CheckpointConfig, job: TrainingSetup) -> TrainState:
+    """State to start from: --load's checkpoint (its weights only with --finetune), else the
+    weights of --pretrained-checkpoint, else a fresh model."""
+    if checkpoint.load and read_tracker(checkpoint.load) is not None:
+        source, finetune = checkpoint.load, checkpoint.finetune
+    elif checkpoint.pretrained_checkpoint:
+        if read_tracker(checkpoint.pretrained_checkpoint) is None:
+            raise SystemExit(
+                f"--pretrained-checkpoint: no checkpoint in {checkpoint.pretrained_checkpoint}"
+            )
+        source, finetune = checkpoint.pretrained_checkpoint, True
+    else:
+        if checkpoint.load:
+            print_rank_0(f"no checkpoint in {checkpoint.load}: starting from scratch")
+        return TrainState()
+    loaded = load_checkpoint(
+        source,
+        job.model_chunks,
+        job.optimizer,
+        job.scheduler,
+        load_optim=not (checkpoint.no_load_optim or finetune),
+        load_rng=not (checkpoint.no_load_rng or finetune),
+    )
+    if finetune:
+        flag = "--finetune" if source == checkpoint.load else "--pretrained-checkpoint"
+        print_rank_0(f"{flag}: weights from {loaded.path}, starting at iteration 0")
+        return TrainState()
+    print_rank_0(f"resuming from {loaded.path} at iteration {loaded.iteration}")
+    state = TrainState()
+    state.restore(loaded.iteration, loaded.extra)
+    return state

@@ -1,4 +1,7 @@
-"""One optimizer step through Megatron's pipeline schedules."""
+"""One optimizer step through Megatron's pipeline schedules.
+
+The process groups are the model's own (``GPTModel.pg_collection``, given when it was built) and
+are handed to the schedules explicitly."""
 
 from __future__ import annotations
 
@@ -6,15 +9,23 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank, is_pp_last_stage
 from megatron.core.transformer import TransformerConfig
+
+from megatron_sip.models.checkpointing import unwrap_model
+
+
+def model_groups(model_chunks: list):
+    """The ProcessGroupCollection the model chunks were built with."""
+    return unwrap_model(model_chunks[0]).pg_collection
 
 
 def configure_schedule(config: TransformerConfig, model_chunks: list, optimizer=None) -> None:
     """Hooks Megatron's schedules need: gradient finalisation (DP all-reduce, embedding and
-    layer-norm reductions), loss scaling and DDP's no-sync context."""
+    layer-norm reductions, the per-token loss scaling), loss scaling and DDP's no-sync context."""
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model_chunks[0].no_sync if len(model_chunks) == 1 else None
     if optimizer is not None:
@@ -23,22 +34,22 @@ def configure_schedule(config: TransformerConfig, model_chunks: list, optimizer=
 
 @dataclasses.dataclass
 class StepResult:
-    losses: dict[str, float]  # mean over the global batch, on every rank
+    losses: dict[str, float]  # {name: sum / count} over the global batch, on every rank
     grad_norm: float | None
     update_successful: bool
 
 
-def reduce_losses(loss_reports: list[dict]) -> dict[str, float]:
-    """Averages ``{name: [sum, count]}`` reports over micro-batches and data-parallel ranks, and
-    broadcasts the result from the last pipeline stage so every rank can log it."""
+def reduce_losses(loss_reports: list[dict], data_parallel_group) -> dict[str, float]:
+    """``{name: [sum, count]}`` reports summed over micro-batches and data-parallel ranks, then
+    ``sum / count`` (a count of 0 gives 0)."""
     names = sorted({name for report in loss_reports for name in report})
-    totals = torch.zeros(len(names), 2)
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
     for report in loss_reports:
         for i, name in enumerate(names):
             if name in report:
-                totals[i] += report[name].detach().float().cpu().reshape(2)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+                totals[i] += report[name].detach().double().cpu().reshape(2)
+    if data_parallel_group.size() > 1:
+        torch.distributed.all_reduce(totals, group=data_parallel_group)
     return {name: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
 
@@ -52,8 +63,14 @@ def forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
 ) -> list[dict]:
-    """Runs Megatron's schedule (no pipelining, or 1F1B at PP > 1); loss reports on last stage."""
-    return get_forward_backward_func()(
+    """Runs Megatron's schedule (no pipelining, or 1F1B at PP > 1) over the model's process
+    groups; loss reports on the last stage, an empty list elsewhere."""
+    groups = model_groups(model_chunks)
+    extra = {}
+    if groups.pp.size() > 1:
+        config = unwrap_model(model_chunks[0]).config
+        extra["p2p_communicator"] = P2PCommunicator(pp_group=groups.pp, config=config)
+    return get_forward_backward_func(pp_size=groups.pp.size())(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model_chunks,
@@ -61,6 +78,8 @@ def forward_backward(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        pg_collection=groups,
+        **extra,
     )
 
 
@@ -91,15 +110,18 @@ def train_step(
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=samples_per_step)
-    losses = broadcast_from_last_stage(reports)
+    losses = broadcast_from_last_stage(reports, model_chunks)
     return StepResult(losses, grad_norm, update_successful)
 
 
-def broadcast_from_last_stage(reports: list[dict]) -> dict[str, float]:
-    """Loss reports exist only on the last pipeline stage; give every rank the reduced values."""
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    payload = [reduce_losses(reports) if parallel_state.is_pipeline_last_stage() else None]
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast_object_list(payload, src=last, group=pp_group)
+def broadcast_from_last_stage(reports: list[dict], model_chunks: list) -> dict[str, float]:
+    """Loss reports exist only on the last pipeline stage: reduce them there, give every rank
+    the values."""
+    groups = model_groups(model_chunks)
+    last = is_pp_last_stage(groups.pp)
+    payload = [reduce_losses(reports, groups.dp) if last else None]
+    if groups.pp.size() > 1:
+        torch.distributed.broadcast_object_list(
+            payload, src=get_pp_last_rank(groups.pp), group=groups.pp
+        )
     return payload[0]

@@ -107,7 +107,7 @@ def timed(device: str, fn, repeats: int) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    initialize_distributed(ParallelConfig(), args.device, seed=1234)
+    context = initialize_distributed(ParallelConfig(), args.device, seed=1234)
     model_config = ModelConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
         attention_dropout=0.0,
         transformer_impl="local",
     )
-    chunks, _ = build_model(model_config, ParallelConfig(), args.vocab_size)
+    chunks, _ = build_model(model_config, ParallelConfig(), args.vocab_size, context.pg_collection)
     model = unwrap_model(chunks[0])
     device = torch_device()
     generator = torch.Generator().manual_seed(0)

@@ -7,16 +7,21 @@ from typing import Literal
 
 from megatron_sip.errors import ConfigError, require_choice, require_positive
 
-SIP_LOSSES = ("online_dpo", "rf_nll", "sft_rewrite")
+
+def objective_names() -> tuple[str, ...]:
+    """The --sip-loss choices: the objectives table's names (training/sip/objectives.py)."""
+    from megatron_sip.training.sip.objectives import OBJECTIVES
+
+    return tuple(OBJECTIVES)
 
 
 @dataclasses.dataclass
 class SIPConfig:
     """How each prefix's candidates become a training signal."""
 
-    sip_loss: Literal["online_dpo", "rf_nll", "sft_rewrite"] = "online_dpo"
-    """online_dpo (chosen vs rejected against the EMA reference), rf_nll (NLL of the chosen
-    candidate) or sft_rewrite (NLL of the rewrite)."""
+    sip_loss: str = dataclasses.field(default="online_dpo", metadata={"choices": objective_names})
+    """The objective: online_dpo (chosen vs rejected against the EMA reference), rf_nll (NLL of
+    the chosen candidate) or sft_rewrite (NLL of the rewrite); see training/sip/objectives.py."""
 
     sip_num_rollouts: int = 16
     """K: rollouts sampled from the policy per prefix."""
@@ -25,7 +30,8 @@ class SIPConfig:
     """beta of the DPO loss."""
 
     sip_nll_weight: float = 0.0
-    """Weight of an added NLL term on the original suffix."""
+    """Weight of an added NLL term on the original suffix (its mean over the original suffixes'
+    tokens of the global batch, added to the objective's own mean)."""
 
     sip_curriculum: bool = False
     """Early on choose only between original and rewrite; later let a rollout be chosen when it
@@ -44,7 +50,8 @@ class SIPConfig:
     """Update the EMA reference every this many steps."""
 
     sip_ref_ema_decay: float = 0.99
-    """theta_ref <- a * theta_ref + (1 - a) * theta: 1.0 freezes it, 0.0 copies the policy."""
+    """theta_ref <- a * theta_ref + (1 - a) * theta: 1.0 freezes it, 0.0 copies the policy. Kept
+    in fp32 (from the optimizer's fp32 main weights) whatever the training precision."""
 
     sip_fused_logprob: Literal["auto", "on", "off"] = "auto"
     """Candidate log-probs from the final hidden states and the output-layer weight shard, the
@@ -61,7 +68,7 @@ class SIPConfig:
         return kernel_module("cuda" if device_type == "cuda" else "cpu") is not None
 
     def __post_init__(self):
-        require_choice("--sip-loss", self.sip_loss, SIP_LOSSES)
+        require_choice("--sip-loss", self.sip_loss, objective_names())
         require_choice("--sip-fused-logprob", self.sip_fused_logprob, ("auto", "on", "off"))
         require_positive("--sip-num-rollouts", self.sip_num_rollouts)
         require_positive("--sip-ref-update-interval", self.sip_ref_update_interval)

@@ -1,16 +1,17 @@
-"""What a SIP step logs: rewards and scores per candidate type, what was chosen, what was
-skipped or missing, and where the time went. Summed over data-parallel ranks (the ranks of a
-model-parallel group hold identical values)."""
+"""What a SIP step logs from its candidates: rewards and scores per candidate type, what was
+chosen, what was skipped or missing, and where the time went. Summed over data-parallel ranks
+(the ranks of a model-parallel group hold identical values). The loss-side metrics (losses,
+margins, the KL estimate) come from the loss function's reports."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from megatron.core import parallel_state
 
-from megatron_sip.training.sip.candidates import KINDS, PhaseTimes, ScoredSample
-from megatron_sip.training.sip.config import SIPConfig
+from megatron_sip.training.sip.candidates import ScoredSample
+from megatron_sip.training.sip.judging import KINDS
+from megatron_sip.training.timers import PhaseTimes
 
 PHASES = ("rewrite", "rollout", "judge", "reference", "policy_update", "reference_update")
 SKIP_REASONS = ("no_chosen", "no_rejected", "small_gap")
@@ -33,8 +34,8 @@ class _Accumulator:
 def step_metrics(
     scored: Sequence[Sequence[ScoredSample]],
     times: PhaseTimes,
-    sip: SIPConfig,
     objectives: Sequence[str],
+    data_parallel_group,
 ) -> dict[str, float]:
     """The step's ``sip/...`` scalars, reduced over data-parallel ranks (every rank calls)."""
     acc = _Accumulator()
@@ -53,8 +54,9 @@ def step_metrics(
     for sample in samples:
         acc.mean("sip/prefixes", 1.0, 0.0)
         acc.mean("sip/missing-rewrites", float(sample.rewrite is None), 0.0)
+        rewards = sample.rewards.by_kind()
         for kind in KINDS:
-            for reward, scores in zip(sample.rewards[kind], sample.scores[kind]):
+            for reward, scores in zip(rewards[kind], sample.scores[kind]):
                 if reward is not None:
                     acc.mean(f"sip/reward/{kind}-mean", reward)
                     acc.maximum(f"sip/reward/{kind}-max", reward)
@@ -80,8 +82,9 @@ def step_metrics(
     sums = torch.tensor([acc.sums[n] for n in names], dtype=torch.float64)
     max_names = sorted(acc.maxima)
     maxima = torch.tensor([acc.maxima[n] for n in max_names], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        group = parallel_state.get_data_parallel_group()
+    data_parallel = data_parallel_group.size()
+    if data_parallel > 1:
+        group = data_parallel_group
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
     reduced = dict(zip(names, sums.tolist()))
@@ -99,9 +102,8 @@ def step_metrics(
     for name, value in zip(max_names, maxima.tolist()):
         if value != float("-inf"):
             metrics[name] = value
-    # Each data-parallel rank times its own phases: report the slowest rank's seconds (it
-    # bounds the step) and tokens/s over the whole global batch.
-    data_parallel = max(1, parallel_state.get_data_parallel_world_size())
+    # Each data-parallel rank times its own phases: report the mean over ranks' seconds and
+    # tokens/s over the whole global batch.
     for phase in PHASES:
         seconds = reduced[f"_seconds/{phase}"][0] / data_parallel
         tokens = reduced[f"_tokens/{phase}"][0]
