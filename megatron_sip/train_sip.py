@@ -14,7 +14,6 @@ EMA reference, RF-NLL, or SFT on the rewrite). Runs under torchrun and under sru
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Optional
 
 from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
@@ -58,8 +57,6 @@ from megatron_sip.training.sip.rewrites import RewriteSource
 from megatron_sip.training.sip.rollouts import RolloutSampler
 from megatron_sip.training.sip.score_store import judge_identity
 from megatron_sip.training.sip.trainer import CHECKPOINT_KEY, SIPState, SIPTrainer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
