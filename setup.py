@@ -62,6 +62,7 @@ setup(
         "packaging",
         "sentencepiece",
         "tokenizers",
+        "tiktoken",  # TikTokenizer (Megatron-Core's TikTokenTokenizer)
         "pybind11",
         "psutil",
         "tqdm",

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from megatron_sip.data.config import TokenizerConfig
 from megatron_sip.errors import ConfigError
 from megatron_sip.initialize import ParallelConfig, world_size_from_env
-from megatron_sip.models.checkpointing import CheckpointConfig
+from megatron_sip.models.checkpointing import CheckpointConfig, checkpoint_arg_values
 from megatron_sip.models.config import ModelConfig
-from megatron_sip.platform import PlatformConfig
+from megatron_sip.platform import PlatformConfig, resolve_device
 from megatron_sip.training.config import TrainingConfig
 
 
@@ -227,16 +227,34 @@ def parse_args(
     parser = build_parser(groups, description)
     namespace = parser.parse_args(argv)
     try:
+        if getattr(namespace, "use_checkpoint_args", False):
+            checkpoint = config_from_namespace(CheckpointConfig, namespace)
+            vars(namespace).update(checkpoint_arg_values(checkpoint, vars(namespace)))
         config = job(
             **{title: config_from_namespace(cls, namespace) for title, cls in groups.items()}
         )
         if hasattr(config, "validate"):
             config.validate(world_size if world_size is not None else world_size_from_env())
+        check_device(config)
     except ConfigError as error:
         if exit_on_error:
             parser.error(str(error))
         raise
     return config
+
+
+def check_device(job) -> None:
+    """Refuses, before anything starts, the flags that cannot run on the job's device (FP8 or
+    nsys profiling on the CPU, ...): every config group with a ``check_device(device)`` method
+    is asked, with ``--device`` resolved as :func:`megatron_sip.platform.activate` will."""
+    platform_config = getattr(job, "platform", None)
+    if platform_config is None:
+        return
+    device = resolve_device(platform_config.device)
+    for field in dataclasses.fields(job):
+        group = getattr(job, field.name)
+        if hasattr(group, "check_device"):
+            group.check_device(device)
 
 
 def set_flags(config, names: Sequence[str] | None = None) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
 
 
 class ConfigError(ValueError):
@@ -22,3 +25,21 @@ def require_choice(flag: str, value, choices: Iterable) -> None:
 def require_positive(flag: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(flag, f"must be a positive number, got {value!r}")
+
+
+def exits_on_bad_input(main: Callable) -> Callable:
+    """Entry-point decorator: bad input found after the flags were parsed (a missing data file, a
+    truncated index, a garbage checkpoint tracker, a tokenizer file of the wrong kind) raises
+    :class:`ConfigError` naming the file and the fix; it is printed like a flag error and the
+    process exits 2, without a traceback. Bad input is not a crash."""
+
+    @functools.wraps(main)
+    def entry_point(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as error:
+            program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron-sip"
+            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return entry_point

@@ -14,7 +14,9 @@ import datetime
 import os
 import random
 import re
+import shutil
 import socket
+import subprocess
 from collections.abc import Mapping
 from typing import Optional
 
@@ -55,7 +57,30 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
     """Timeout of collective operations."""
 
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Layers per virtual pipeline stage (Megatron-LM's interleaved 1F1B schedule). Refused: the
+    interleaved schedule is not implemented here."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved schedule). Refused, as above."""
+
+    num_virtual_stages_per_pipeline_rank: Optional[int] = None
+    """Virtual stages per pipeline rank (interleaved schedule). Refused, as above."""
+
     def __post_init__(self):
+        for flag, value in (
+            ("--num-layers-per-virtual-pipeline-stage", self.num_layers_per_virtual_pipeline_stage),
+            ("--virtual-pipeline-model-parallel-size", self.virtual_pipeline_model_parallel_size),
+            ("--num-virtual-stages-per-pipeline-rank", self.num_virtual_stages_per_pipeline_rank),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    flag,
+                    "interleaved pipeline schedule not implemented in megatron-sip: every "
+                    "pipeline rank holds one model chunk (training, checkpoints, inference and "
+                    "SIP scoring assume it); drop the flag and use "
+                    "--pipeline-model-parallel-size alone",
+                )
         require_positive("--tensor-model-parallel-size", self.tensor_model_parallel_size)
         require_positive("--pipeline-model-parallel-size", self.pipeline_model_parallel_size)
         require_positive("--context-parallel-size", self.context_parallel_size)
@@ -107,15 +132,84 @@ class LaunchEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM hostlist: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match or not match.group(1):
-        raise ValueError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM hostlist: ``node-[01-04]-ib,cpu1`` -> ``node-01-ib``."""
+    return slurm_hostnames(nodelist)[0]
+
+
+def slurm_hostnames(hostlist: str) -> list[str]:
+    """The hosts of a SLURM hostlist, as ``scontrol show hostnames`` lists them (asked when it
+    is installed and accepts the list; SLURM before 23.02 rejects a suffix after a bracket, e.g.
+    ``node-[01-04]-ib``), else as :func:`expand_hostlist` reads it."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", hostlist],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
+    return expand_hostlist(hostlist)
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM hostlist syntax: comma-separated host expressions, each with any number of bracket
+    groups of numbers and ranges (zero padding kept), e.g. ``rack1-[3,5-7].cluster`` ->
+    ``rack1-3.cluster rack1-5.cluster rack1-6.cluster rack1-7.cluster`` and ``a[1-2]b[3-4]`` ->
+    ``a1b3 a1b4 a2b3 a2b4``."""
+    hosts = []
+    for expression in _split_outside_brackets(hostlist.strip(), hostlist):
+        hosts.extend(_expand_expression(expression, hostlist))
+    if not hosts:
+        raise ValueError(f"no host in the SLURM hostlist {hostlist!r}")
+    return hosts
+
+
+def _split_outside_brackets(text: str, hostlist: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise ValueError(f"unbalanced brackets in the SLURM hostlist {hostlist!r}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ValueError(f"unbalanced brackets in the SLURM hostlist {hostlist!r}")
+    return [part for part in parts + [current] if part]
+
+
+def _expand_expression(expression: str, hostlist: str) -> list[str]:
+    match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", expression)
+    if match is None:
+        if "[" in expression or "]" in expression:
+            raise ValueError(f"unbalanced brackets in the SLURM hostlist {hostlist!r}")
+        return [expression]
+    prefix, ranges, rest = match.groups()
+    # The first bracket group varies slowest, as in SLURM's listing.
+    tails = _expand_expression(rest, hostlist) if rest else [""]
+    return [prefix + number + tail for number in _numbers(ranges, hostlist) for tail in tails]
+
+
+def _numbers(ranges: str, hostlist: str) -> list[str]:
+    numbers = []
+    for item in ranges.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"bad range {item!r} in the SLURM hostlist {hostlist!r}")
+        if not dash:
+            numbers.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"descending range {item!r} in the SLURM hostlist {hostlist!r}")
+        numbers.extend(str(n).zfill(len(low)) for n in range(int(low), int(high) + 1))
+    return numbers
 
 
 def _free_port() -> int:

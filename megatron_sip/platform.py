@@ -13,8 +13,10 @@ Call :func:`activate` once at start-up, before any model is built (``initialize.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -76,19 +78,129 @@ def distributed_backend() -> str:
     return "gloo" if active_device() == "cpu" else "nccl"
 
 
-def model_config_overrides() -> dict:
-    """TransformerConfig settings the device needs: CPU initialisation and no CUDA fusions."""
+FUSIONS = (
+    "gradient_accumulation_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "apply_rope_fusion",
+    "persist_layer_norm",
+)
+"""TransformerConfig's kernel-fusion switches (Megatron-LM turns them on unless ``--no-...``)."""
+
+
+def model_config_overrides(fusions: Mapping[str, bool] | None = None) -> dict:
+    """TransformerConfig settings for the device. ``fusions``: the requested value of each of
+    :data:`FUSIONS` (default: all off). On the CPU: CPU initialisation and every fusion off (they
+    are CUDA kernels; the unfused paths compute the same thing). On a GPU: the fusions as
+    requested, after checking that the kernels they need are installed (Megatron-Core would
+    otherwise fail deep inside model construction)."""
+    fusions = {name: False for name in FUSIONS} | dict(fusions or {})
     if active_device() == "cpu":
-        return {
-            "use_cpu_initialization": True,
-            "gradient_accumulation_fusion": False,
-            "bias_activation_fusion": False,
-            "bias_dropout_fusion": False,
-            "masked_softmax_fusion": False,
-            "apply_rope_fusion": False,
-            "persist_layer_norm": False,
-        }
-    return {}
+        return {"use_cpu_initialization": True, **{name: False for name in FUSIONS}}
+    if fusions["gradient_accumulation_fusion"]:
+        from megatron.core.tensor_parallel import layers
+
+        # Megatron-Core's own linear layers (the output layer even with Transformer Engine's
+        # spec) take the fused weight-gradient kernel from apex.
+        if not layers._grad_accum_fusion_available:
+            raise ConfigError(
+                "--no-gradient-accumulation-fusion",
+                "gradient accumulation fusion (on by default, as in Megatron-LM) needs apex's "
+                "fused_weight_gradient_mlp_cuda extension; install apex or pass "
+                "--no-gradient-accumulation-fusion",
+            )
+    if fusions["apply_rope_fusion"]:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        if rope_utils.fused_apply_rotary_pos_emb is None:
+            raise ConfigError(
+                "--no-rope-fusion",
+                "RoPE fusion (on by default, as in Megatron-LM) needs Transformer Engine >= 1.4; "
+                "install it or pass --no-rope-fusion",
+            )
+    return fusions
+
+
+class LocalNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm (``config.normalization``) for Megatron-Core's local layer spec,
+    standing in for ``WrappedTorchNorm`` (torch's norms; it asserts sequence parallelism and
+    zero-centred gamma off) where apex's fused norms are absent: always on the CPU.
+
+    As Megatron-Core's fused norms do: under sequence parallelism each rank normalises its own
+    slice of the sequence, so the weights are marked ``sequence_parallel`` and
+    ``finalize_model_grads`` all-reduces their gradients over the tensor-parallel group; with
+    ``layernorm_zero_centered_gamma`` (``--apply-layernorm-1p``) the weight stores gamma - 1,
+    is initialised to zero and applied as 1 + weight. ``persist_layer_norm`` selects an apex
+    kernel and has no meaning here (apex's norm falls back the same way for unsupported sizes).
+    Parameter names match torch's norms, so checkpoints are unchanged."""
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
+        super().__init__()
+        del persist_layer_norm, zero_centered_gamma, normalization  # read from config, as apex's
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"LocalNorm takes LayerNorm or RMSNorm, not {config.normalization}")
+        self.config = config
+        self.rms = config.normalization == "RMSNorm"
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        self.shape = (hidden_size,)
+        self.eps = eps
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        factory = {"device": device, "dtype": config.params_dtype}
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, **factory))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.empty(hidden_size, **factory))
+        self.reset_parameters()
+        for param in self.parameters():
+            # What Megatron-Core's fused norms set: finalize_model_grads reads it.
+            param.sequence_parallel = config.sequence_parallel
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.zero_centered_gamma else 1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.zero_centered_gamma else self.weight
+        if self.rms:
+            return torch.nn.functional.rms_norm(hidden, self.shape, weight, self.eps)
+        return torch.nn.functional.layer_norm(hidden, self.shape, weight, self.bias, self.eps)
+
+
+def local_block_spec(layer_spec, config, num_layers: int):
+    """Megatron-Core's local-spec transformer block (``layer_spec`` repeated ``num_layers``
+    times, then the final norm) with every ``WrappedTorchNorm`` replaced by :class:`LocalNorm`,
+    so sequence parallelism and ``--apply-layernorm-1p`` work without apex (GPTModel otherwise
+    builds its final norm from the same torch wrapper)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        LayerNormImpl,
+        TransformerBlockSubmodules,
+    )
+
+    def substitute(spec):
+        if spec is WrappedTorchNorm:
+            return LocalNorm
+        if isinstance(spec, ModuleSpec) and spec.submodules is not None:
+            fields = dataclasses.fields(spec.submodules)
+            changes = {f.name: substitute(getattr(spec.submodules, f.name)) for f in fields}
+            submodules = dataclasses.replace(spec.submodules, **changes)
+            return dataclasses.replace(spec, submodules=submodules)
+        return spec
+
+    return TransformerBlockSubmodules(
+        layer_specs=[substitute(layer_spec)] * num_layers,
+        layer_norm=substitute(LayerNormImpl),
+    )
 
 
 def activate(device: str = "auto") -> str:
@@ -208,6 +320,14 @@ def _install_cpu_adaptations() -> None:
     # 3. Gradient clipping: Megatron's version asserts CUDA gradients.
     _patch(megatron_optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu)
 
+    # 3b. Activation recomputation re-runs forward code inside the autograd engine, which runs
+    #     backward functions and hooks without the thread's torch function modes: run Megatron's
+    #     recompute entry points under the device rewriting too.
+    #     (Megatron's output-discarding CheckpointWithoutOutput needs Transformer Engine.)
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    _patch_in_mode(CheckpointFunction, "backward")
+
     # 4. Without apex/TE Megatron's optimizer wraps torch's AdamW, whose per-parameter "step"
     #    the distributed optimizer does not handle on its own (see the functions below).
     for name, replacement in (
@@ -220,6 +340,20 @@ def _install_cpu_adaptations() -> None:
 
 
 _originals: dict = {}
+
+
+def _patch_in_mode(owner, name) -> None:
+    """Makes ``owner.name`` (a function or staticmethod) run under :class:`_CudaToCpuMode`."""
+    attribute = owner.__dict__[name]
+    function = attribute.__func__ if isinstance(attribute, staticmethod) else attribute
+
+    @functools.wraps(function)
+    def in_mode(*args, **kwargs):
+        with _CudaToCpuMode():
+            return function(*args, **kwargs)
+
+    setattr(owner, name, staticmethod(in_mode) if isinstance(attribute, staticmethod) else in_mode)
+    _undo.append(lambda: setattr(owner, name, attribute))
 
 
 def _distopt_state_dict(self):
@@ -249,9 +383,10 @@ def _distopt_load_state_dict(self, state_dict):
 
 
 def _distopt_set_states(self, model_param, tensors):
-    """The resharded tensors carry no "step" (restored from the param groups), yet every key of
-    the parameter's state is copied from them: hand it the value it already holds."""
-    if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+    """Every key of the parameter's state is copied from ``tensors``, but "step" is restored from
+    the param groups before this runs: the fully reshardable tensors carry no "step", and the
+    dp_reshardable ones carry the value from before the load. Hand it the restored value."""
+    if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         step = self.optimizer.state[main_param].get("step")

@@ -13,14 +13,20 @@ import dataclasses
 
 from megatron_sip.arguments import JobConfig, parse_args
 from megatron_sip.data.config import DataConfig
-from megatron_sip.data.gpt_data import batch_iterator, build_gpt_datasets, split_sample_counts
+from megatron_sip.data.gpt_data import (
+    batch_iterator,
+    build_gpt_datasets,
+    check_indexed_dataset,
+    split_sample_counts,
+)
 from megatron_sip.data.tokenizers import build_tokenizer
-from megatron_sip.errors import ConfigError
+from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
+from megatron_sip.models.checkpointing import megatron_lm_args
 from megatron_sip.platform import torch_device
 from megatron_sip.training.loop import train
-from megatron_sip.training.metrics import LoggingConfig, MetricWriter, flops_per_token
+from megatron_sip.training.metrics import LoggingConfig, MetricWriter
 from megatron_sip.training.next_token import next_token_trainer
 from megatron_sip.training.setup import resume, setup_model_and_optimizer
 
@@ -34,12 +40,20 @@ class PretrainConfig(JobConfig):
 
     def validate(self, world_size: int) -> None:
         super().validate(world_size)
-        if not self.data.data_path:
+        if not self.data.data_path and not self.data.mock_data:
             raise ConfigError(
-                "--data-path", "required (an indexed dataset prefix or weighted prefixes)"
+                "--data-path",
+                "required (an indexed dataset prefix or weighted prefixes), or --mock-data",
             )
+        if self.training.train_iters is None and self.training.train_samples is None:
+            raise ConfigError("--train-iters", "give --train-iters or --train-samples")
+        if self.data.data_path:
+            # Before any model is built: a missing or damaged file is a flag error.
+            for prefix in self.data.blend()[0]:
+                check_indexed_dataset(prefix)
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     config = parse_args(argv, PretrainConfig, description=__doc__)
     model_cfg, training, data = config.model, config.training, config.data
@@ -50,6 +64,9 @@ def main(argv=None) -> None:
     tokenizer = build_tokenizer(config.tokenizer)
     job = setup_model_and_optimizer(
         model_cfg, config.parallel, training, config.tokenizer, tokenizer.vocab_size, context
+    )
+    job.checkpoint_args = megatron_lm_args(
+        config, padded_vocab_size=job.vocab_size, world_size=context.world_size
     )
     state = resume(config.checkpoint, job)
 
@@ -78,18 +95,6 @@ def main(argv=None) -> None:
             device=torch_device(),
         )
 
-    flops = None
-    if context.device == "cuda":
-        flops = model_cfg.seq_length * flops_per_token(
-            model_cfg.num_layers,
-            model_cfg.hidden_size,
-            model_cfg.ffn_size(),
-            model_cfg.num_attention_heads,
-            model_cfg.query_groups(),
-            model_cfg.seq_length,
-            job.vocab_size,
-            model_cfg.swiglu,
-        )
     trainer = next_token_trainer(
         job,
         training,
@@ -97,7 +102,6 @@ def main(argv=None) -> None:
         seq_length=model_cfg.seq_length,
         train_batches=batches(datasets.train, state.consumed_train_samples),
         valid_batches=(lambda: batches(datasets.valid, 0)) if datasets.valid else None,
-        flops_per_sample=flops,
     )
     writer = MetricWriter(config.logging, dataclasses.asdict(config))
     print_rank_0(

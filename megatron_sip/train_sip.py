@@ -20,11 +20,17 @@ from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
 from megatron_sip.data.config import DataConfig
 from megatron_sip.data.sip_dataset import SIPDataConfig, SIPSampleStream, build_sip_datasets
 from megatron_sip.data.tokenizers import build_tokenizer
-from megatron_sip.errors import ConfigError
+from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.inference.sampling import SamplingConfig
 from megatron_sip.initialize import DistributedContext, destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
-from megatron_sip.models.checkpointing import checkpoint_extra, load_checkpoint
+from megatron_sip.models.checkpointing import (
+    checkpoint_extra,
+    find_checkpoint,
+    load_checkpoint,
+    megatron_lm_args,
+    resume_options,
+)
 from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Judge, Rewriter
@@ -39,7 +45,10 @@ from megatron_sip.roles.config import (
 from megatron_sip.roles.rewrite_store import RewriteStore
 from megatron_sip.training.loop import train
 from megatron_sip.training.metrics import LoggingConfig, MetricWriter
-from megatron_sip.training.setup import TrainingSetup, setup_model_and_optimizer
+from megatron_sip.training.setup import (
+    TrainingSetup,
+    setup_model_and_optimizer,
+)
 from megatron_sip.training.sip.batches import BatchBuilder
 from megatron_sip.training.sip.candidates import CandidateCollector
 from megatron_sip.training.sip.config import SIPConfig
@@ -111,8 +120,16 @@ class SIPJobConfig(JobConfig):
             )
         reject_set_flags(
             self.data,
-            ["data_cache_path", "num_workers"],
-            "SIP samples are read in the trainer, without sample-index caches or loader workers",
+            [
+                "data_cache_path",
+                "num_workers",
+                "mock_data",
+                "mmap_bin_files",
+                "create_attention_mask_in_dataloader",
+                "dataloader_type",
+            ],
+            "SIP reads its (prefix, suffix) samples from the indexed documents itself, without "
+            "Megatron's GPT dataset, its sample-index caches, mock data or loader workers",
         )
 
 
@@ -150,7 +167,8 @@ def resume(config: SIPJobConfig, job: TrainingSetup, reference_shadow) -> tuple[
     --pretrained-checkpoint gives the weights."""
     checkpoint = config.checkpoint
     state = SIPState()
-    extra = checkpoint_extra(checkpoint.load) if checkpoint.load else None
+    iteration = find_checkpoint(checkpoint)
+    extra = checkpoint_extra(checkpoint.load, iteration) if iteration is not None else None
     if extra is not None and CHECKPOINT_KEY in extra and not checkpoint.finetune:
         has_reference = extra[CHECKPOINT_KEY].get("has_reference", False)
         modules = {"reference": reference_shadow} if reference_shadow and has_reference else None
@@ -159,8 +177,7 @@ def resume(config: SIPJobConfig, job: TrainingSetup, reference_shadow) -> tuple[
             job.model_chunks,
             job.optimizer,
             job.scheduler,
-            load_optim=not checkpoint.no_load_optim,
-            load_rng=not checkpoint.no_load_rng,
+            **resume_options(checkpoint),
             extra_modules=modules,
         )
         state.restore(loaded.iteration, loaded.extra)
@@ -170,7 +187,10 @@ def resume(config: SIPJobConfig, job: TrainingSetup, reference_shadow) -> tuple[
     if source:
         if checkpoint_extra(source) is None:
             raise SystemExit(f"--pretrained-checkpoint: no checkpoint in {source}")
-        loaded = load_checkpoint(source, job.model_chunks, load_optim=False, load_rng=False)
+        step = iteration if source == checkpoint.load else None
+        loaded = load_checkpoint(
+            source, job.model_chunks, load_optim=False, load_rng=False, iteration=step
+        )
         print_rank_0(f"continual SIP from the weights of {loaded.path} (iteration 0)")
     else:
         print_rank_0("SIP from scratch (random initialisation)")
@@ -234,6 +254,9 @@ def build_job(config: SIPJobConfig, context: DistributedContext) -> SIPJob:
         tokenizer.vocab_size,
         context,
         calculate_per_token_loss=True,
+    )
+    job.checkpoint_args = megatron_lm_args(
+        config, padded_vocab_size=job.vocab_size, world_size=context.world_size
     )
     shadow = view = None
     if objective.needs_reference:
@@ -333,6 +356,7 @@ def build_job(config: SIPJobConfig, context: DistributedContext) -> SIPJob:
     return SIPJob(trainer, state, [role for role in (judge, rewriter) if role is not None])
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     config = parse_args(argv, SIPJobConfig, description=__doc__)
     context = initialize_distributed(config.parallel, config.platform.device, config.training.seed)

@@ -36,7 +36,7 @@ def build_demo_and_tokenizer(root: Path) -> tuple[Path, TokenizerConfig]:
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     return demo, TokenizerConfig(
-        tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(root / "tok.model")
+        tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(root / "tok.model")
     )
 
 
@@ -47,7 +47,7 @@ def _save_random_judge(root: str, tokenizer_model: str) -> None:
     from megatron_sip.models.checkpointing import save_checkpoint
     from megatron_sip.training.setup import setup_model_and_optimizer
 
-    flags = [*JUDGE_ARGS, "--tokenizer-type", "SentencePieceTokenizer",
+    flags = [*JUDGE_ARGS, "--tokenizer-type", "GPTSentencePieceTokenizer",
              "--tokenizer-model", tokenizer_model]  # fmt: skip
     configs = parse_args(flags, world_size=1, exit_on_error=False)
     context = initialize_distributed(configs.parallel, "cpu", 5)
@@ -71,7 +71,7 @@ def train_judge(
     """Fine-tunes a tiny judge on the demo judge_train.jsonl verdicts; returns its output."""
     return run_module(
         1, "megatron_sip.training.judge_sft", *JUDGE_ARGS,
-        "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-type", "GPTSentencePieceTokenizer",
         "--tokenizer-model", tokenizer.tokenizer_model,
         "--judge-train-data", str(demo / "judge_train.jsonl"),
         "--judge-max-prefix-chars", str(MAX_PREFIX_CHARS), "--judge-sft-tasks", tasks,

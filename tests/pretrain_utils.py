@@ -14,8 +14,8 @@ from .distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = f"@{ROOT / 'examples' / 'tiny_llama_cpu.args'}"
-VOCAB = 512
-NULL_TOKENIZER = ("--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB))
+VOCAB = 512  # the NullTokenizer's vocabulary: ids 0..510 and EOD 511 (--vocab-size 511)
+NULL_TOKENIZER = ("--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1))
 
 
 ALPHABET = 64  # documents use the first 64 ids of the vocabulary
@@ -38,7 +38,7 @@ def preprocess(jsonl: Path, output_prefix: Path) -> str:
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(jsonl),
          "--output-prefix", str(output_prefix), "--tokenizer-type", "NullTokenizer",
-         "--vocab-size", str(VOCAB), "--append-eod", "--workers", "1"],
+         "--vocab-size", str(VOCAB - 1), "--append-eod", "--workers", "1"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return f"{output_prefix}_text_document"

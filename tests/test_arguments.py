@@ -86,8 +86,8 @@ def test_llama_flags_parse_into_configs(tmp_path):
          "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
         (["--micro-batch-size", "2", "--global-batch-size", "6"], 2, "--global-batch-size",
          "6 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4"),
-        (["--tokenizer-type", "GPT2BPETokenizer"], 1, "--tokenizer-type",
-         "unknown value 'GPT2BPETokenizer'; choose one of SentencePieceTokenizer"),
+        (["--tokenizer-type", "BertWordPieceCase"], 1, "--tokenizer-type",
+         "unknown value 'BertWordPieceCase'; choose one of GPTSentencePieceTokenizer"),
         (["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size",
          "world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"),
         (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size",
@@ -219,3 +219,83 @@ def test_role_flags_of_another_backend_are_refused():
         build_judge(JudgeConfig(judge_backend="megatron"))
     with pytest.raises(ConfigError, match="--judge-oracle-data: --judge-backend oracle needs"):
         build_judge(JudgeConfig())
+
+
+@pytest.mark.parametrize(
+    "flags,flag,fragment",
+    [
+        (["--train-iters", "10", "--train-samples", "100"], "--train-samples",
+         "give --train-iters or --train-samples, not both"),
+        (["--train-iters", "10", "--lr-decay-samples", "100"], "--lr-decay-samples",
+         "needs --train-samples"),
+        (["--train-samples", "100", "--lr-warmup-iters", "2"], "--lr-warmup-iters",
+         "use its -samples form"),
+        (["--train-iters", "10", "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"],
+         "--lr-warmup-iters", "give --lr-warmup-fraction or this flag, not both"),
+        (["--train-iters", "10", "--lr-decay-style", "WSD"], "--lr-wsd-decay-iters",
+         "WSD needs the length of its decay phase"),
+        (["--train-iters", "10", "--lr-wsd-decay-iters", "2"], "--lr-wsd-decay-iters",
+         "only applies to --lr-decay-style WSD"),
+        (["--train-iters", "10", "--lr-wsd-decay-style", "wavy"], "--lr-wsd-decay-style",
+         "unknown value 'wavy'"),
+        (["--train-iters", "10", "--decoupled-min-lr", "1e-5"], "--decoupled-min-lr",
+         "only applies with --decoupled-lr"),
+        (["--train-iters", "10", "--rampup-batch-size", "16", "16", "100"],
+         "--rampup-batch-size", "needs --train-samples"),
+        (["--train-samples", "100", "--rampup-batch-size", "16", "16", "100"],
+         "--rampup-batch-size", "not implemented here"),
+        (["--fp16", "--bf16"], "--fp16", "not both"),
+        (["--loss-scale", "1024"], "--loss-scale", "only applies to --fp16"),
+        (["--hysteresis", "4"], "--hysteresis", "only applies to --fp16"),
+        (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16", "only applies to --bf16"),
+        (["--overlap-param-gather", "--overlap-grad-reduce"], "--overlap-param-gather",
+         "needs --use-distributed-optimizer"),
+        (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather",
+         "needs --overlap-grad-reduce"),
+        (["--mock-data", "--data-path", "corpus"], "--mock-data", "not both"),
+        (["--mock-data", "--dataloader-type", "cyclic"], "--dataloader-type",
+         "cyclic is not implemented here"),
+        (["--mock-data"], "--train-iters", "give --train-iters or --train-samples"),
+        (["--train-iters", "10"], "--data-path", "or --mock-data"),
+    ],
+)  # fmt: skip
+def test_training_and_data_flag_errors(flags, flag, fragment):
+    from megatron_sip.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError) as error:
+        parse_args([*MODEL, *flags], PretrainConfig, world_size=1, exit_on_error=False)
+    assert error.value.flag == flag
+    assert fragment in str(error.value)
+
+
+def test_megatron_lm_training_and_data_flags_parse():
+    from megatron_sip.pretrain import PretrainConfig
+
+    config = parse_args(
+        [*MODEL, "--mock-data", "--train-samples", "1000", "--lr-warmup-samples", "100",
+         "--lr-decay-samples", "900", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "200",
+         "--lr-wsd-decay-style", "cosine", "--lr-warmup-init", "1e-6", "--decoupled-lr", "5e-4",
+         "--decoupled-min-lr", "5e-5", "--calculate-per-token-loss", "--bf16",
+         "--grad-reduce-in-bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+         "--overlap-param-gather", "--no-mmap-bin-files",
+         "--no-create-attention-mask-in-dataloader", "--dataloader-type", "single"],
+        PretrainConfig, world_size=1, exit_on_error=False,
+    )  # fmt: skip
+    training, data = config.training, config.data
+    assert (training.train_samples, training.train_iters) == (1000, None)
+    assert (training.lr_decay_style, training.lr_wsd_decay_style) == ("WSD", "cosine")
+    assert training.calculate_per_token_loss and training.overlap_param_gather
+    assert training.grad_reduce_in_bf16 and training.decoupled_min_lr == 5e-5
+    assert data.mock_data and not data.mmap_bin_files
+    assert not data.create_attention_mask_in_dataloader
+    fp16 = parse_args(
+        [*MODEL, "--train-iters", "10", "--mock-data", "--fp16", "--initial-loss-scale", "65536",
+         "--min-loss-scale", "2", "--loss-scale-window", "500", "--hysteresis", "1"],
+        PretrainConfig, world_size=1, exit_on_error=False,
+    ).training  # fmt: skip
+    assert fp16.fp16 and fp16.initial_loss_scale == 65536 and fp16.min_loss_scale == 2
+    assert (fp16.loss_scale_window, fp16.hysteresis) == (500, 1)
+    # Megatron-LM's defaults.
+    defaults = parse().training
+    assert (defaults.eval_iters, defaults.hysteresis) == (100, 2)
+    assert (defaults.initial_loss_scale, defaults.loss_scale_window) == (2**32, 1000)

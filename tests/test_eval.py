@@ -236,7 +236,7 @@ def continuations_worker(root: str) -> None:
 
     parallel, context = workers.setup()
     chunks, _ = workers.build(parallel, context)
-    tokenizer_config = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB)
+    tokenizer_config = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB - 1)
     tokenizer = build_tokenizer(tokenizer_config)
     assert tokenizer.tokenize("5 17  42") == [5, 17, 42] and tokenizer.detokenize([5, 17]) == "5 17"
     assert tokenizer.eod == workers.VOCAB - 1

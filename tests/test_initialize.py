@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_sip.initialize import first_host, launch_env
+from megatron_sip.initialize import expand_hostlist, first_host, launch_env
 
 from .distributed import free_port
 
@@ -26,10 +27,41 @@ LAYOUT = ["--device", "cpu", "--tensor-model-parallel-size", "2"]
         ("gpu[003-005,9]", "gpu003"),
         ("node7,node8", "node7"),
         ("a100-[12-13],b1", "a100-12"),
+        ("node-[01-04]-ib", "node-01-ib"),  # SLURM 22.05's scontrol rejects it: the parser
+        ("rack1-[3,5-7].cluster", "rack1-3.cluster"),
     ],
 )
 def test_first_host_of_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize(
+    "hostlist,hosts",
+    [
+        ("node-[01-04]-ib", ["node-01-ib", "node-02-ib", "node-03-ib", "node-04-ib"]),
+        ("rack1-[3,5-7].cluster", [f"rack1-{i}.cluster" for i in (3, 5, 6, 7)]),
+        ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),  # first group slowest, as SLURM
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),  # padding of the low bound
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("gpu[003-005,9],cpu1", ["gpu003", "gpu004", "gpu005", "gpu9", "cpu1"]),
+        ("x[1-2]-y,z[07],plain", ["x1-y", "x2-y", "z07", "plain"]),
+    ],
+)
+def test_expand_hostlist_as_slurm_does(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+    if shutil.which("scontrol"):
+        # Where the installed SLURM accepts the form (before 23.02 it rejects a suffix after a
+        # bracket), it lists the same hosts.
+        listed = subprocess.run(["scontrol", "show", "hostnames", hostlist],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        if listed.returncode == 0 and listed.stdout.strip():  # it rejects with exit 0
+            assert listed.stdout.split() == hosts
+
+
+@pytest.mark.parametrize("hostlist", ["n[1-", "n[3-1]", "n[a-b]", "n]1[", ""])
+def test_bad_hostlist_is_refused_with_its_text(hostlist):
+    with pytest.raises(ValueError, match="SLURM hostlist"):
+        expand_hostlist(hostlist)
 
 
 def test_launch_env_precedence():

@@ -152,7 +152,7 @@ def test_fine_tuned_judge_learns_safety_and_keeps_it_under_injection(judge_asset
 
     train_judge(
         root / "sft_judge", demo,
-        TokenizerConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tokenizer)),
+        TokenizerConfig(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(tokenizer)),
         iters=600,
     )  # fmt: skip
     out = root / "injection.pt"
@@ -291,6 +291,6 @@ def test_role_model_shape_from_a_flags_file(judge_assets):
     args_file = root / "judge_model.args"
     args_file.write_text(
         " ".join(JUDGE_ARGS[2:])  # without --device
-        + f" --tokenizer-type SentencePieceTokenizer --tokenizer-model {root / 'tok.model'}\n"
+        + f" --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model {root / 'tok.model'}\n"
     )
     run_ranks(model_args_worker, 1, str(checkpoint), str(args_file), str(root / "bare"))

@@ -366,7 +366,7 @@ def _serve_judge_module():
 def test_serve_judge_token_texts_and_request_checks(tmp_path):
     import sentencepiece
 
-    from megatron_sip.data.tokenizers import SentencePieceTokenizer
+    from megatron_sip.data.tokenizers import GPTSentencePieceTokenizer
 
     serve = _serve_judge_module()
     lines = ["the river flows to the sea and the town sleeps", "[[A]] is better than [[B]]"] * 50
@@ -374,7 +374,7 @@ def test_serve_judge_token_texts_and_request_checks(tmp_path):
         sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=28,
         user_defined_symbols=["[[A]]", "[[B]]"], minloglevel=2,
     )  # fmt: skip
-    tokenizer = SentencePieceTokenizer(str(tmp_path / "sp.model"))
+    tokenizer = GPTSentencePieceTokenizer(str(tmp_path / "sp.model"))
     role = type("Role", (), {"tokenizer": tokenizer})()
     role.model_config = type("Model", (), {"seq_length": 32})()
     engine = serve.CompletionEngine(role, "sp")
@@ -422,7 +422,7 @@ def _checkpoint_and_reference(root: str, prompt_dir: str, out: str) -> None:
     model.embedding.word_embeddings.weight.data[:, 0] = 0.5
     for verdict in VERDICT_IDS:
         model.output_layer.weight.data[verdict, 0] += 3.0
-    tokenizer = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB)
+    tokenizer = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=workers.VOCAB - 1)
     save_checkpoint(root, 0, chunks, extra_common=model_metadata(workers.tiny_llama(), tokenizer))
     role = RoleModel(root, parallel, context.pg_collection)
     prompts = PromptSet.load(prompt_dir)

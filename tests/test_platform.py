@@ -78,3 +78,32 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="--device: cuda was requested but no GPU is visible"):
         platform.activate("cuda")
     assert platform.resolve_device("auto") == "cpu"
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_local_norm_supports_sequence_parallel_and_zero_centred_gamma(normalization, zero_centered):
+    """The CPU platform's norm: torch's LayerNorm / RMSNorm with gamma stored as gamma - 1 under
+    --apply-layernorm-1p, and weights marked for the tensor-parallel gradient all-reduce."""
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=8, num_attention_heads=2, normalization=normalization,
+        layernorm_zero_centered_gamma=zero_centered, use_cpu_initialization=True,
+        tensor_model_parallel_size=2, sequence_parallel=True,
+    )  # fmt: skip
+    norm = platform.LocalNorm(config, 8, eps=1e-6)
+    reference = (torch.nn.LayerNorm if normalization == "LayerNorm" else torch.nn.RMSNorm)(
+        8, eps=1e-6
+    )
+    assert norm.state_dict().keys() == reference.state_dict().keys()  # checkpoints unchanged
+    assert all(p.sequence_parallel for p in norm.parameters())
+    assert norm.weight.eq(0.0 if zero_centered else 1.0).all()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 0.5, 8))
+        reference.weight.copy_(norm.weight + 1 if zero_centered else norm.weight)
+        if norm.bias is not None:
+            norm.bias.copy_(torch.linspace(0.1, 0.8, 8))
+            reference.bias.copy_(norm.bias)
+    hidden = torch.randn(3, 2, 8)
+    torch.testing.assert_close(norm(hidden), reference(hidden))

@@ -33,7 +33,7 @@ from megatron_sip.training.sip.selection import ORIGINAL, REWRITE, ROLLOUT, Cand
 from megatron_sip.training.timers import PhaseTimes
 
 VOCAB = 64
-TOKENIZER = NullTokenizer(VOCAB)  # text is the ids, space-separated: easy to script
+TOKENIZER = NullTokenizer(VOCAB - 1)  # vocabulary VOCAB, EOD VOCAB - 1; text is the ids
 
 
 def sample(document: int, prefix, suffix) -> SIPSample:

@@ -10,12 +10,14 @@ skipped. Job scripts and outputs go to pytest's ``tmp_path``: on a multi-node cl
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from .slurm_utils import SLURM_SH, cluster_ready, job_output, submit, wait_for_job
+from .slurm_utils import SLURM_SH, cluster_ready, job_info, job_output, submit, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +137,7 @@ def test_sip_tiny_cpu_sbatch(slurm_cluster, tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input",
          str(demo / "corpus.jsonl"), "--output-prefix", str(tmp_path / "corpus"),
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+         "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
          tokenizer.tokenizer_model, "--append-eod", "--workers", "1"],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
@@ -157,3 +159,79 @@ def test_sip_tiny_cpu_sbatch(slurm_cluster, tmp_path):
         assert f"rank {rank}/2 (slurm launch" in output, output[-4000:]
     assert "TP=2 PP=1 DP=1" in output and "iteration      5/5" in output
     assert read_tracker(tmp_path / "ckpt") == 5
+
+
+_LOSS_LINE = re.compile(r"iteration +(\d+)/\d+ \|.*?\| lm loss (\S+)")
+
+
+def _losses(output: str) -> dict[int, str]:
+    """{iteration: logged lm loss}; an iteration logged twice fails (a step redone)."""
+    losses: dict[int, str] = {}
+    for match in _LOSS_LINE.finditer(output):
+        iteration = int(match.group(1))
+        assert iteration not in losses, f"iteration {iteration} logged twice:\n{output[-4000:]}"
+        losses[iteration] = match.group(2)
+    return losses
+
+
+def _wait_for(predicate, what: str, timeout: float, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"no {what} after {timeout:.0f}s")
+
+
+def test_signalled_job_saves_requeues_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
+    """SIGUSR1 (what `#SBATCH --signal=USR1@60` sends before the time limit) mid-run: the ranks
+    save the current iteration and exit 0, the script requeues the job, the restart resumes and
+    logs the same losses as a run never interrupted."""
+    from megatron_sip.models.checkpointing import read_tracker
+
+    from .pretrain_utils import ROOT, preprocess, write_counting_corpus
+
+    write_counting_corpus(tmp_path / "corpus.jsonl")
+    data_path = preprocess(tmp_path / "corpus.jsonl", tmp_path / "corpus")
+    script = ROOT / "examples" / "slurm" / "pretrain_tiny_cpu.sbatch"
+    jobs = {}
+    for name in ("preempted", "reference"):
+        (tmp_path / name).mkdir()
+        env = {
+            "REPO": str(ROOT), "PYTHON": sys.executable, "DATA_PATH": data_path,
+            "CKPT_DIR": str(tmp_path / name / "ckpt"), "TB_DIR": str(tmp_path / name / "tb"),
+            "TRAIN_ITERS": "20",
+        }  # fmt: skip
+        jobs[name] = submit(script, env=env, workdir=tmp_path / name)
+    preempted = jobs["preempted"]
+    log = tmp_path / "preempted" / f"sip-pretrain-tiny-{preempted}.out"
+
+    def training():
+        return log.exists() and "iteration      1/20" in log.read_text()
+
+    _wait_for(training, "iteration 1 in the log", timeout=300, poll=0.1)
+    subprocess.run(["scancel", "--signal=USR1", preempted], check=True, timeout=30)
+
+    def requeued():
+        fields = job_info(preempted)
+        return fields if fields and fields.get("Restarts") == "1" else None
+
+    fields = _wait_for(requeued, "requeue", timeout=120)
+    if fields.get("JobState") == "PENDING":
+        # SLURM holds a requeued job for about two minutes (Reason=BeginTime): start it now.
+        subprocess.run(["scontrol", "update", f"JobId={preempted}", "StartTime=now"],
+                       capture_output=True, timeout=30)  # fmt: skip
+    results = {name: wait_for_job(job, timeout=400) for name, job in jobs.items()}
+    output = {name: job_output(fields) for name, fields in results.items()}
+    for name in jobs:
+        assert results[name]["JobState"] == "COMPLETED", output[name][-4000:]
+        assert read_tracker(tmp_path / name / "ckpt") == 20
+    stopped = re.search(r"exiting at iteration (\d+) after receiving SIGUSR1", output["preempted"])
+    assert stopped, output["preempted"][-4000:]
+    assert f"stopped at iteration {stopped.group(1)} of 20; requeueing" in output["preempted"]
+    assert "restart 1 on" in output["preempted"]
+    assert "requeueing" not in output["reference"]
+    reference = _losses(output["reference"])
+    assert sorted(reference) == list(range(1, 21))
+    assert _losses(output["preempted"]) == reference

@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sip.arguments import LaunchConfig, parse_args
+from megatron_sip.errors import exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.platform import torch_device
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     configs = parse_args(argv, LaunchConfig, description=__doc__)
     context = initialize_distributed(configs.parallel, configs.platform.device)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from megatron_sip.arguments import JobConfig, parse_args
+from megatron_sip.errors import exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.models.checkpointing import load_checkpoint
@@ -46,6 +47,7 @@ def synthetic_batch(batch_size: int, seq_length: int, vocab_size: int, seed: int
     }
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     config = parse_args(argv, JobConfig, description=__doc__)
     model_cfg, training = config.model, config.training
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     start, first = time.perf_counter(), state.iteration
     # Always one step at least, so that a run resumed at --train-iters still checks its save.
-    training = dataclasses.replace(training, train_iters=max(training.train_iters, first + 1))
+    training.train_iters = max(training.train_iters, first + 1)
     state = train(trainer, state, training, checkpoint, MetricWriter(LoggingConfig()))
     seconds = (time.perf_counter() - start) / max(1, state.iteration - first)
     print_rank_0(f"training: {seconds:.3f} s per step (checkpoint saves included)")

@@ -26,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from megatron_sip.arguments import parse_args  # noqa: E402
 from megatron_sip.data.sip_dataset import build_sip_datasets  # noqa: E402
 from megatron_sip.data.tokenizers import build_tokenizer  # noqa: E402
-from megatron_sip.errors import ConfigError  # noqa: E402
+from megatron_sip.errors import ConfigError, exits_on_bad_input  # noqa: E402
 from megatron_sip.initialize import destroy_distributed, initialize_distributed  # noqa: E402
 from megatron_sip.log import print_rank_0, rank, setup_logging  # noqa: E402
 from megatron_sip.roles.config import RoleContext, build_rewriter  # noqa: E402
@@ -64,6 +64,7 @@ class PrecomputeJobConfig(SIPJobConfig):
         super().validate(world_size)
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     configs = parse_args(argv, PrecomputeJobConfig, description=__doc__)
     context = initialize_distributed(
@@ -72,12 +73,13 @@ def main(argv=None) -> None:
     setup_logging()
     tokenizer = build_tokenizer(configs.tokenizer)
     global_batch = configs.training.global_batch(context.data_parallel_size)
+    train_iters = configs.training.set_train_iters(context.data_parallel_size)
     dataset = build_sip_datasets(
         configs.data,
         configs.sip_data,
         seq_length=configs.model.seq_length,
         seed=configs.training.seed,
-        num_samples=[configs.training.train_iters * global_batch, 0, 0],
+        num_samples=[train_iters * global_batch, 0, 0],
     )["train"]
     rewriter = build_rewriter(
         configs.rewriter, RoleContext(configs.parallel, context.pg_collection)

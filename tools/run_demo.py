@@ -220,14 +220,14 @@ def prepare(runner: DemoRunner) -> dict[str, Path]:
     runner.stage(
         "preprocess",
         runner.python(ROOT / "tools/preprocess_data.py", "--input", demo / "corpus.jsonl",
-                      "--output-prefix", corpus, "--tokenizer-type", "SentencePieceTokenizer",
+                      "--output-prefix", corpus, "--tokenizer-type", "GPTSentencePieceTokenizer",
                       "--tokenizer-model", f"{tokenizer}.model", "--append-eod",
                       "--workers", "1"),
         [Path(f"{dataset}.bin"), Path(f"{dataset}.idx")],
         depends=["corpus", "tokenizer"],
     )  # fmt: skip
     common = [
-        f"@{EXAMPLES / 'model.args'}", "--tokenizer-type", "SentencePieceTokenizer",
+        f"@{EXAMPLES / 'model.args'}", "--tokenizer-type", "GPTSentencePieceTokenizer",
         "--tokenizer-model", f"{tokenizer}.model", "--data-path", dataset,
     ]  # fmt: skip
     base = runner.out / "base"

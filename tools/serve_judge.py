@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 import torch
 
-from megatron_sip.data.tokenizers import SentencePieceTokenizer
+from megatron_sip.data.tokenizers import GPTSentencePieceTokenizer
 from megatron_sip.errors import ConfigError
 from megatron_sip.inference.generation import generate
 from megatron_sip.inference.pipeline import pipeline_forward
@@ -173,7 +173,7 @@ class CompletionEngine:
         text = self._texts.get(token)
         if text is None:
             text = self.tokenizer.detokenize([token])
-            if isinstance(self.tokenizer, SentencePieceTokenizer):
+            if isinstance(self.tokenizer, GPTSentencePieceTokenizer):
                 piece = self.tokenizer.inv_vocab.get(token, text)
                 if not _BYTE_PIECE.fullmatch(piece):
                     text = piece.replace("\u2581", " ")

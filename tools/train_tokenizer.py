@@ -5,7 +5,7 @@
 
 Each line of each input is a JSON object; the strings under --json-keys are split into lines and
 become SentencePiece's training sentences. The model has fixed special ids: <unk>=0, <s>=1 (BOS),
-</s>=2 (EOS, the EOD of SentencePieceTokenizer), <pad>=3. A malformed line stops the run with
+</s>=2 (EOS, the EOD of GPTSentencePieceTokenizer), <pad>=3. A malformed line stops the run with
 FILE:LINE; the model files are written under temporary names and renamed into place only when
 training succeeded.
 """

@@ -28,7 +28,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_sip.data.config import DataConfig
-from megatron_sip.data.gpt_data import OrderedBatchSampler
+from megatron_sip.data.gpt_data import OrderedBatchSampler, check_indexed_dataset
 from megatron_sip.errors import ConfigError, require_choice, require_positive
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,8 @@ def build_sip_datasets(
     """``{"train", "valid", "test"} -> SIPDataset`` (None for an empty split)."""
     sip.max_prefix_len(seq_length)
     prefixes, weights = data.blend()
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)  # a missing or damaged file names itself
     indexed = [IndexedDataset(prefix) for prefix in prefixes]
     splits = [_document_ranges(len(ds.document_indices) - 1, data.split) for ds in indexed]
     result: dict[str, Optional[SIPDataset]] = {}

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_sip.arguments import LaunchConfig, parse_args, reject_set_flags
-from megatron_sip.errors import ConfigError, require_positive
+from megatron_sip.errors import ConfigError, exits_on_bad_input, require_positive
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.roles.base import Judge, Score
 from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
@@ -292,6 +292,7 @@ class CompareJobConfig(LaunchConfig):
             reject_set_flags(self.platform, None, reason)
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     from megatron_sip.eval.continuations import load_continuations, write_atomically
 

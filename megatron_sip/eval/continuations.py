@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_sip.arguments import LaunchConfig, parse_args
-from megatron_sip.errors import ConfigError, require_positive
+from megatron_sip.errors import ConfigError, exits_on_bad_input, require_positive
 from megatron_sip.inference.sampling import SamplingConfig
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
@@ -277,6 +277,7 @@ class ContinuationJobConfig(LaunchConfig):
     eval: ContinuationConfig
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     configs = parse_args(argv, ContinuationJobConfig, description=__doc__)
     config: ContinuationConfig = configs.eval

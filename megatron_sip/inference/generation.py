@@ -27,6 +27,7 @@ from megatron_sip.inference.pipeline import (
     is_last_stage,
     pipeline_forward,
     pipeline_group,
+    sequence_parallel_off,
 )
 from megatron_sip.inference.sampling import SamplingConfig, sample
 from megatron_sip.models.checkpointing import unwrap_model
@@ -79,7 +80,25 @@ def generate(
     device: Optional[torch.device] = None,
 ) -> Rollouts:
     """``num_samples`` continuations of ``num_tokens`` tokens for every prefix (collective over
-    the model-parallel ranks; every rank returns the same rollouts)."""
+    the model-parallel ranks; every rank returns the same rollouts). A model trained with
+    sequence parallelism decodes without it (:func:`sequence_parallel_off`)."""
+    with sequence_parallel_off(model):
+        return _generate(
+            model,
+            prefixes,
+            num_samples=num_samples,
+            num_tokens=num_tokens,
+            sampling=sampling,
+            seed=seed,
+            eod=eod,
+            vocab_size=vocab_size,
+            device=device,
+        )
+
+
+def _generate(
+    model, prefixes, *, num_samples, num_tokens, sampling, seed, eod, vocab_size, device
+) -> Rollouts:
     module = unwrap_model(model)
     was_training = module.training
     module.eval()

@@ -172,8 +172,19 @@ def supports_packed_scoring(model) -> bool:
     return all(isinstance(core, DotProductAttention) for core in cores)
 
 
+def length_multiple(model) -> int:
+    """What every row length must be a multiple of: under sequence parallelism each
+    tensor-parallel rank holds 1/TP of the sequence outside attention and the MLP, so the TP
+    size; else 1."""
+    config = unwrap_model(model).config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
 def layout_for(model, prefixes, candidates, pad_id: int = 0, length: int = 0) -> PackedCandidates:
-    """The packed layout where the model can take it, else the unpacked one (logged)."""
+    """The packed layout where the model can take it, else the unpacked one (logged); rows are
+    padded to at least ``length`` and to a multiple of :func:`length_multiple`."""
+    multiple = length_multiple(model)
+    length = -(-max(length, layout_length(model, prefixes, candidates)) // multiple) * multiple
     if supports_packed_scoring(model):
         return pack_candidates(prefixes, candidates, pad_id, length)
     logger.warning(
@@ -184,10 +195,15 @@ def layout_for(model, prefixes, candidates, pad_id: int = 0, length: int = 0) ->
 
 
 def layout_length(model, prefixes, candidates) -> int:
-    """Positions per row :func:`layout_for` needs for these candidates (before padding)."""
+    """Positions per row :func:`layout_for` needs for these candidates (before padding to a
+    longer ``length``), a multiple of :func:`length_multiple`."""
     if supports_packed_scoring(model):
-        return max(len(p) + sum(len(c) for c in cands) for p, cands in zip(prefixes, candidates))
-    return max(len(p) + len(c) for p, cands in zip(prefixes, candidates) for c in cands)
+        pairs = zip(prefixes, candidates)
+        length = max(len(p) + sum(len(c) for c in cands) for p, cands in pairs)
+    else:
+        length = max(len(p) + len(c) for p, cands in zip(prefixes, candidates) for c in cands)
+    multiple = length_multiple(model)
+    return -(-length // multiple) * multiple
 
 
 class _HiddenStatesOut(torch.nn.Module):

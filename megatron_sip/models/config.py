@@ -87,6 +87,85 @@ class ModelConfig:
     """Layer implementation: local (Megatron-Core modules, runs on CPU), transformer_engine
     (TE fused modules, GPU), or auto (TE when it is importable and the device is a GPU)."""
 
+    kv_channels: Optional[int] = None
+    """Dimension of each attention head's queries, keys and values (default: --hidden-size /
+    --num-attention-heads)."""
+
+    apply_layernorm_1p: bool = False
+    """Zero-centred gamma (Megatron-Core's layernorm_zero_centered_gamma): each norm stores
+    gamma - 1, initialised to 0, and applies 1 + weight, so weight decay pulls gamma to 1."""
+
+    attention_backend: Literal["flash", "fused", "unfused", "local", "auto"] = "auto"
+    """Attention kernel (Megatron-Core's AttnBackend): flash, fused or unfused select Transformer
+    Engine's kernels, auto lets Transformer Engine choose, local is Megatron-Core's own
+    DotProductAttention. With the local layer spec (CPU) attention is always that unfused
+    DotProductAttention, so local, unfused and auto apply and flash and fused are refused."""
+
+    cross_entropy_loss_fusion: bool = False
+    """Fused vocabulary-parallel cross entropy for the pretraining loss (GPU only)."""
+
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
+    """Fused cross entropy implementation: native (Megatron-Core's) or te (Transformer
+    Engine's)."""
+
+    use_mcore_models: bool = False
+    """Accepted for Megatron-LM scripts (deprecated there): megatron-sip always builds
+    Megatron-Core models."""
+
+    recompute_activations: bool = False
+    """Selective activation recomputation (same as --recompute-granularity selective)."""
+
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation: full recomputes whole transformer layers (with
+    --recompute-method and --recompute-num-layers), selective the --recompute-modules."""
+
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    """With full recompute: uniform recomputes every chunk of --recompute-num-layers layers,
+    block the first --recompute-num-layers layers of each pipeline stage."""
+
+    recompute_num_layers: Optional[int] = None
+    """Layers per recomputed chunk (uniform) or recomputed layers per pipeline stage (block)."""
+
+    recompute_modules: Optional[list[str]] = None
+    """Submodules that selective recompute recomputes (Megatron-Core's default: core_attn;
+    also layernorm, mlp)."""
+
+    fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 training through Transformer Engine: e4m3 everywhere, or hybrid (e5m2 gradients)."""
+
+    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = "delayed"
+    """FP8 scaling recipe (with --fp8-format)."""
+
+    fp8_amax_history_len: int = 1
+    """Length of the amax history of delayed FP8 scaling."""
+
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    """How delayed FP8 scaling picks the amax from its history."""
+
+    fp8_param_gather: bool = False
+    """Keep the parameters in FP8 and all-gather them in FP8 (with --fp8-format)."""
+
+    masked_softmax_fusion: bool = True
+    """Fused scale, mask and softmax kernel (GPU; the CPU runs the unfused softmax)."""
+
+    bias_gelu_fusion: bool = True
+    """Fused bias and GeLU kernel (GPU; Megatron-LM turns it off without linear biases)."""
+
+    bias_swiglu_fusion: bool = True
+    """Fused bias and SwiGLU kernel with --swiglu (GPU)."""
+
+    bias_dropout_fusion: bool = True
+    """Fused bias, dropout and residual add (GPU)."""
+
+    apply_rope_fusion: bool = dataclasses.field(default=True, metadata={"flag": "--rope-fusion"})
+    """Fused RoPE kernel with --position-embedding-type rope (GPU, Transformer Engine)."""
+
+    gradient_accumulation_fusion: bool = True
+    """Fuse weight-gradient accumulation into the linear layers' backward (GPU, apex)."""
+
+    persist_layer_norm: bool = True
+    """apex's persistent fused LayerNorm kernel where the hidden size allows it (GPU)."""
+
     def __post_init__(self):
         for flag, value in (
             ("--num-layers", self.num_layers),
@@ -112,7 +191,9 @@ class ModelConfig:
                 "transformer_engine was requested but Transformer Engine is not installed; "
                 "install the [gpu] extra or use --transformer-impl local",
             )
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None:
+            require_positive("--kv-channels", self.kv_channels)
+        elif self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 "--num-attention-heads",
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -140,6 +221,16 @@ class ModelConfig:
                     f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                     f"--num-query-groups {self.num_query_groups}",
                 )
+        require_choice(
+            "--attention-backend",
+            self.attention_backend,
+            ("flash", "fused", "unfused", "local", "auto"),
+        )
+        require_choice(
+            "--cross-entropy-fusion-impl", self.cross_entropy_fusion_impl, ("native", "te")
+        )
+        self._validate_recompute()
+        self._validate_fp8()
         limit = self.seq_length_limit()
         if limit is not None and limit < self.seq_length:
             raise ConfigError(
@@ -149,6 +240,136 @@ class ModelConfig:
             )
         if self.ffn_size() <= 0:
             raise ConfigError("--ffn-hidden-size", "must be positive; set it explicitly")
+
+    def _validate_recompute(self) -> None:
+        if self.recompute_activations:
+            # As Megatron-LM: --recompute-activations means selective recompute.
+            if self.recompute_granularity not in (None, "selective"):
+                raise ConfigError(
+                    "--recompute-activations",
+                    f"means --recompute-granularity selective, but --recompute-granularity "
+                    f"{self.recompute_granularity} was given; pass one of them",
+                )
+            self.recompute_granularity = "selective"
+        if self.recompute_granularity is not None:
+            require_choice(
+                "--recompute-granularity", self.recompute_granularity, ("full", "selective")
+            )
+        if self.recompute_method is not None:
+            require_choice("--recompute-method", self.recompute_method, ("uniform", "block"))
+        if self.recompute_granularity is None:
+            for flag, value in (
+                ("--recompute-method", self.recompute_method),
+                ("--recompute-num-layers", self.recompute_num_layers),
+                ("--recompute-modules", self.recompute_modules),
+            ):
+                if value is not None:
+                    raise ConfigError(flag, "needs --recompute-granularity full or selective")
+        elif self.recompute_granularity == "full":
+            if self.recompute_method is None or self.recompute_num_layers is None:
+                raise ConfigError(
+                    "--recompute-granularity",
+                    "full recompute needs --recompute-method uniform|block and "
+                    "--recompute-num-layers N",
+                )
+            require_positive("--recompute-num-layers", self.recompute_num_layers)
+            if self.recompute_modules is not None:
+                raise ConfigError(
+                    "--recompute-modules", "applies to --recompute-granularity selective only"
+                )
+        else:
+            for flag, value in (
+                ("--recompute-method", self.recompute_method),
+                ("--recompute-num-layers", self.recompute_num_layers),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        flag, "applies to --recompute-granularity full only (as in Megatron-LM)"
+                    )
+            allowed = ("core_attn", "layernorm", "mlp")
+            for module in self.recompute_modules or ():
+                require_choice("--recompute-modules", module, allowed)
+
+    def _validate_fp8(self) -> None:
+        if self.fp8_format is not None:
+            require_choice("--fp8-format", self.fp8_format, ("e4m3", "hybrid"))
+        require_choice(
+            "--fp8-recipe", self.fp8_recipe, ("tensorwise", "delayed", "mxfp8", "blockwise")
+        )
+        require_choice(
+            "--fp8-amax-compute-algo", self.fp8_amax_compute_algo, ("most_recent", "max")
+        )
+        require_positive("--fp8-amax-history-len", self.fp8_amax_history_len)
+        if self.fp8_format is None:
+            for flag, value, default in self._fp8_settings():
+                if value != default:
+                    raise ConfigError(flag, "only applies with --fp8-format e4m3|hybrid")
+
+    def _fp8_settings(self):
+        return (
+            ("--fp8-recipe", self.fp8_recipe, "delayed"),
+            ("--fp8-amax-history-len", self.fp8_amax_history_len, 1),
+            ("--fp8-amax-compute-algo", self.fp8_amax_compute_algo, "most_recent"),
+            ("--fp8-param-gather", self.fp8_param_gather, False),
+        )
+
+    def check_device(self, device: str) -> None:
+        """Refuses, naming the flag, what cannot run on ``device`` (cpu or cuda) with the layer
+        implementation it selects."""
+        te = self.use_transformer_engine(device)
+        if not te:
+            where = "on the CPU" if device == "cpu" else "without Transformer Engine"
+            if self.fp8_format is not None:
+                raise ConfigError(
+                    "--fp8-format",
+                    f"FP8 runs through Transformer Engine on a GPU; it cannot run {where} "
+                    "(the local layer spec); drop the --fp8-* flags",
+                )
+            if self.attention_backend in ("flash", "fused"):
+                raise ConfigError(
+                    "--attention-backend",
+                    f"{self.attention_backend} selects a Transformer Engine attention kernel; "
+                    f"{where} attention is Megatron-Core's unfused DotProductAttention: use "
+                    "--attention-backend auto, local or unfused",
+                )
+            if "layernorm" in (self.recompute_modules or ()):
+                raise ConfigError(
+                    "--recompute-modules",
+                    "layernorm recompute uses Megatron-Core's output-discarding checkpoint, "
+                    f"which needs Transformer Engine; it cannot run {where}: recompute core_attn "
+                    "or mlp",
+                )
+            if self.cross_entropy_loss_fusion and (
+                device == "cpu" or self.cross_entropy_fusion_impl == "te"
+            ):
+                raise ConfigError(
+                    "--cross-entropy-loss-fusion",
+                    "the fused cross entropy is a GPU kernel fusion (torch.compile for native, "
+                    f"Transformer Engine for te); it cannot run {where}. The unfused "
+                    "vocabulary-parallel cross entropy computes the same loss: drop the flag",
+                )
+        elif self.attention_backend == "local":
+            raise ConfigError(
+                "--attention-backend",
+                "local is Megatron-Core's own attention, which the Transformer Engine layer spec "
+                "does not use (as in Megatron-LM): pass --transformer-impl local with it, or "
+                "pick flash, fused, unfused or auto",
+            )
+
+    def fusions(self) -> dict[str, bool]:
+        """TransformerConfig's fusion switches as Megatron-LM derives them from its flags."""
+        return {
+            "gradient_accumulation_fusion": self.gradient_accumulation_fusion,
+            # As Megatron-LM: the bias-activation fusion follows --no-bias-swiglu-fusion with
+            # SwiGLU, else --no-bias-gelu-fusion (off without linear biases).
+            "bias_activation_fusion": self.bias_swiglu_fusion
+            if self.swiglu
+            else self.bias_gelu_fusion and not self.disable_bias_linear,
+            "bias_dropout_fusion": self.bias_dropout_fusion,
+            "masked_softmax_fusion": self.masked_softmax_fusion,
+            "apply_rope_fusion": self.apply_rope_fusion and self.position_embedding_type == "rope",
+            "persist_layer_norm": self.persist_layer_norm,
+        }
 
     def query_groups(self) -> int:
         """Key/value heads: --num-query-groups with GQA, else one per attention head."""

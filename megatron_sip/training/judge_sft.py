@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a judge on its verdict tokens (the warm start before GRPO).
 
     python -m megatron_sip.training.judge_sft @examples/tiny_llama_cpu.args \\
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model \\
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
         --judge-train-data data/demo/judge_train.jsonl --save judge_ckpt --train-iters 300
 
 Each labelled judging task (``tools/build_demo_corpus.py``'s judge_*.jsonl) becomes the prompt the
@@ -22,7 +22,7 @@ import torch
 
 from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
 from megatron_sip.data.tokenizers import build_tokenizer
-from megatron_sip.errors import ConfigError
+from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.platform import torch_device
@@ -200,6 +200,7 @@ def verdict_batches(
             yield {k: v.to(device) if device is not None else v for k, v in batch.items()}
 
 
+@exits_on_bad_input
 def main(argv=None) -> None:
     config = parse_args(argv, JudgeSFTJobConfig, description=__doc__)
     sft, prompt_settings, training = config.judge_sft, config.judge_prompts, config.training

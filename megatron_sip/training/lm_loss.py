@@ -26,7 +26,7 @@ def lm_forward_step(data_iterator: Iterator[dict], model):
     output = model(
         batch["tokens"],
         batch["position_ids"],
-        None,
+        batch.get("attention_mask"),  # None: the attention layer's own causal mask
         labels=batch["labels"],
     )
     return output, partial(masked_token_loss, batch["loss_mask"])

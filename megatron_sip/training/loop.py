@@ -5,21 +5,27 @@ hands the loop what differs: a ``step`` that runs one optimizer step and returns
 ``save`` that writes a checkpoint, optionally an ``evaluate``, and how its metrics read on the
 console. The loop owns the rest: the iteration and sample counters, learning-rate and timing
 metrics, skipped updates, ``--log-interval``, ``--eval-interval`` / ``--eval-iters``,
-``--save-interval``, ``--exit-interval`` and the final save.
+``--save-interval``, the exits (``--exit-interval``, ``--exit-duration-in-mins``,
+``--exit-signal-handler``: save, then return), ``--max-skipped-steps`` and the final save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable
 from typing import Optional
 
+import torch
+
 from megatron_sip.log import print_rank_0
 from megatron_sip.models.checkpointing import CheckpointConfig
 from megatron_sip.training.config import TrainingConfig
-from megatron_sip.training.metrics import MetricWriter
+from megatron_sip.training.exit import ExitSignalHandler, ExitTimer, all_finite
+from megatron_sip.training.metrics import MetricWriter, StepLog
+from megatron_sip.training.profiling import StepHousekeeping
 
 
 @dataclasses.dataclass
@@ -72,6 +78,12 @@ class Trainer:
     describe: Callable[[dict[str, float]], list[str]] = lambda metrics: []
     """The trainer's part of the console line, from its step metrics."""
 
+    model_chunks: list = dataclasses.field(default_factory=list)
+    """The trained model's chunks (for --log-params-norm)."""
+
+    flops_per_step: Optional[float] = None
+    """Model FLOPs of one step over the global batch (for --log-throughput)."""
+
 
 def train(
     trainer: Trainer,
@@ -90,46 +102,117 @@ def train(
             trainer.save(state)
             saved_at = state.iteration
 
-    while state.iteration < training.train_iters:
-        learning_rate = trainer.learning_rate()
-        start = time.perf_counter()
-        output = trainer.step(state)
-        seconds = time.perf_counter() - start
-        state.iteration += 1
-        state.consumed_train_samples += trainer.samples_per_step
-        state.skipped_updates += not output.update_successful
+    # Logging, profiling, garbage collection and memory release as Megatron-LM's loop does them.
+    log = StepLog(
+        writer,
+        flops_per_step=trainer.flops_per_step,
+        model_chunks=trainer.model_chunks,
+        world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+    )
+    housekeeping = StepHousekeeping(writer.config)
 
-        metrics = dict(output.metrics)
-        metrics["train/learning-rate"] = learning_rate
-        metrics["train/seconds-per-step"] = seconds
-        metrics["train/update-skipped"] = float(not output.update_successful)
-        metrics["train/skipped-updates"] = float(state.skipped_updates)
-        writer.scalars(metrics, state.iteration)
-        if state.iteration % training.log_interval == 0 or state.iteration == training.train_iters:
-            print_rank_0(_step_line(state, training, metrics, trainer.describe(metrics)))
+    def validate() -> None:
+        with housekeeping.evaluation():
+            _log_evaluation(evaluate(), state, writer)
 
-        if evaluate is not None and state.iteration % training.eval_interval == 0:
-            _log_evaluation(evaluate(), state.iteration, writer)
-        if checkpoint.save_interval and state.iteration % checkpoint.save_interval == 0:
-            save()
-        if training.exit_interval and state.iteration % training.exit_interval == 0:
-            save()
-            print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval)")
-            return state
+    signals = ExitSignalHandler(training.exit_signal) if training.exit_signal_handler else None
+    timer = ExitTimer(training.exit_duration_in_mins)
+    skipped_in_a_row = 0  # consecutive steps skipped for a NaN or Inf loss or gradient
+    with signals or contextlib.nullcontext(), housekeeping:
+        while state.iteration < training.train_iters:
+            learning_rate = trainer.learning_rate()
+            housekeeping.before_step(state.iteration)
+            start = time.perf_counter()
+            output = trainer.step(state)
+            seconds = time.perf_counter() - start
+            state.iteration += 1
+            state.consumed_train_samples += trainer.samples_per_step
+            state.skipped_updates += not output.update_successful
+            housekeeping.after_step(state.iteration)
+
+            metrics = dict(output.metrics)
+            metrics["learning-rate"] = learning_rate
+            metrics["batch-size"] = float(trainer.samples_per_step)
+            metrics["train/update-skipped"] = float(not output.update_successful)
+            metrics["train/skipped-updates"] = float(state.skipped_updates)
+            line = (
+                state.iteration % training.log_interval == 0
+                or state.iteration == training.train_iters
+            )
+            shown = log.step(
+                state.iteration, state.consumed_train_samples, metrics, seconds, console=line
+            )
+            if line:
+                print_rank_0(_step_line(state, training, shown, trainer.describe(shown)))
+
+            if evaluate is not None and state.iteration % training.eval_interval == 0:
+                validate()
+            if checkpoint.save_interval and state.iteration % checkpoint.save_interval == 0:
+                save()
+
+            # Bad numerics: a step whose loss or gradient was NaN or Inf left the weights and the
+            # LR schedule alone (training/step.py); too many in a row and the run stops.
+            nonfinite = not output.update_successful and not all_finite(output.metrics.values())
+            skipped_in_a_row = skipped_in_a_row + 1 if nonfinite else 0
+            if training.max_skipped_steps and skipped_in_a_row >= training.max_skipped_steps:
+                save()
+                _stop_on_bad_numerics(state, skipped_in_a_row, checkpoint)
+
+            # After the last step there is nothing to stop: the run finishes as usual.
+            reason = None
+            if state.iteration < training.train_iters:
+                reason = _exit_reason(state, training, signals, timer)
+            if reason is not None:
+                save()
+                where = f": checkpoint in {checkpoint.save}" if checkpoint.save else ""
+                print_rank_0(f"exiting at iteration {state.iteration} {reason}{where}")
+                return state
 
     if evaluate is not None and state.iteration % training.eval_interval != 0:
-        _log_evaluation(evaluate(), state.iteration, writer)
+        validate()
     save()
     return state
+
+
+def _exit_reason(state, training, signals, timer) -> Optional[str]:
+    """Why to stop early at this iteration boundary, or None. Collective: every rank takes the
+    same exit at the same iteration (Megatron-LM's order: signal, duration, interval)."""
+    if signals is not None and signals.received():
+        caught = signals.caught.name if signals.caught else "an exit signal"
+        return f"after receiving {caught} (--exit-signal-handler)"
+    if timer.expired():
+        return f"after {timer.elapsed_minutes:.1f} minutes (--exit-duration-in-mins)"
+    if training.exit_interval and state.iteration % training.exit_interval == 0:
+        return "(--exit-interval)"
+    return None
+
+
+def _stop_on_bad_numerics(state: TrainState, in_a_row: int, checkpoint: CheckpointConfig):
+    saved = (
+        f"the last good weights (those of iteration {state.iteration - in_a_row}) are saved in "
+        f"{checkpoint.save} as iteration {state.iteration}, past the bad batches"
+        if checkpoint.save
+        else "nothing was saved (no --save)"
+    )
+    print_rank_0(
+        f"stopping at iteration {state.iteration}: {in_a_row} steps in a row had a NaN or Inf "
+        f"loss or gradient and were skipped (--max-skipped-steps {in_a_row}); {saved}. Lower "
+        "--lr or --clip-grad, check the data of those iterations, or resume with a larger "
+        "--max-skipped-steps"
+    )
+    raise SystemExit(1)
 
 
 def _step_line(state, training, metrics, parts) -> str:
     head = [
         f"iteration {state.iteration:>6}/{training.train_iters}",
         f"consumed samples {state.consumed_train_samples}",
-        f"elapsed time per iteration (ms) {metrics['train/seconds-per-step'] * 1000:.1f}",
-        f"learning rate {metrics['train/learning-rate']:.6E}",
+        f"elapsed time per iteration (ms) {metrics['iteration-time'] * 1000:.1f}",
     ]
+    if "throughput" in metrics:
+        unit = "GPU" if torch.cuda.is_available() and torch.cuda.is_initialized() else "rank"
+        head.append(f"throughput per {unit} (TFLOP/s/{unit}) {metrics['throughput']:.3g}")
+    head.append(f"learning rate {metrics['learning-rate']:.6E}")
     tail = []
     if metrics["train/update-skipped"]:
         tail.append("update skipped")
@@ -138,36 +221,46 @@ def _step_line(state, training, metrics, parts) -> str:
     return " | ".join(head + list(parts) + tail)
 
 
-def _log_evaluation(losses: dict[str, float], iteration: int, writer: MetricWriter) -> None:
-    parts = []
+def _log_evaluation(losses: dict[str, float], state: TrainState, writer: MetricWriter) -> None:
+    """Megatron-LM's validation tags: ``<loss> validation`` (and ``... ppl`` with
+    --log-validation-ppl-to-tensorboard), each with its ``vs samples`` twin."""
+    parts, scalars = [], {}
     for name, value in losses.items():
-        parts.append(f"{name} {value:.6E} | {name} PPL {math.exp(min(value, 20)):.6E}")
-        writer.scalars({f"validation/{name}": value}, iteration)
-    print_rank_0(f"validation at iteration {iteration} | " + " | ".join(parts))
+        perplexity = math.exp(min(value, 20))
+        parts.append(f"{name} {value:.6E} | {name} PPL {perplexity:.6E}")
+        scalars[f"{name} validation"] = value
+        if writer.config.log_validation_ppl_to_tensorboard:
+            scalars[f"{name} validation ppl"] = perplexity
+    writer.scalars(scalars, state.iteration)
+    writer.sample_scalars(scalars, state.iteration, state.consumed_train_samples)
+    print_rank_0(f"validation at iteration {state.iteration} | " + " | ".join(parts))
 
 
 def describe_losses(metrics: dict[str, float]) -> list[str]:
-    """Console parts of a next-token step: its losses, grad norm, throughput."""
+    """Console parts of a next-token step: its losses (the flat, Megatron-LM named metrics
+    that are not the loop's), loss scale, grad norm, params norm, tokens per second."""
     parts = [
-        f"{name[len('train/') :]} {value:.6E}"
+        f"{name} {value:.6E}"
         for name, value in metrics.items()
-        if name.startswith("train/") and name[len("train/") :] not in _LOOP_METRICS
+        if "/" not in name and name not in _LOOP_METRICS
     ]
-    if "train/grad-norm" in metrics:
-        parts.append(f"grad norm {metrics['train/grad-norm']:.4f}")
+    if "loss-scale" in metrics:
+        parts.append(f"loss scale {metrics['loss-scale']:.1f}")
+    if "grad-norm" in metrics:
+        parts.append(f"grad norm {metrics['grad-norm']:.4f}")
+    if "params-norm" in metrics:
+        parts.append(f"params norm {metrics['params-norm']:.4f}")
     if "train/tokens-per-second" in metrics:
         parts.append(f"tokens/s {metrics['train/tokens-per-second']:.0f}")
-    if "train/tflops-per-gpu" in metrics:
-        parts.append(f"TFLOP/s/GPU {metrics['train/tflops-per-gpu']:.1f}")
     return parts
 
 
-_LOOP_METRICS = {
+_LOOP_METRICS = {  # flat metrics that are not losses
     "learning-rate",
-    "seconds-per-step",
-    "update-skipped",
-    "skipped-updates",
+    "batch-size",
+    "loss-scale",
     "grad-norm",
-    "tokens-per-second",
-    "tflops-per-gpu",
+    "params-norm",
+    "iteration-time",
+    "throughput",
 }

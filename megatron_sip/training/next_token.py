@@ -12,6 +12,7 @@ from megatron_sip.models.checkpointing import CheckpointConfig
 from megatron_sip.training.config import TrainingConfig
 from megatron_sip.training.lm_loss import lm_forward_step
 from megatron_sip.training.loop import StepOutput, Trainer, TrainState, describe_losses
+from megatron_sip.training.metrics import flops_per_sample
 from megatron_sip.training.setup import TrainingSetup
 from megatron_sip.training.step import broadcast_from_last_stage, forward_backward, train_step
 
@@ -24,15 +25,13 @@ def next_token_trainer(
     seq_length: int,
     train_batches: Iterator[dict],
     valid_batches: Optional[Callable[[], Iterator[dict]]] = None,
-    flops_per_sample: Optional[float] = None,
 ) -> Trainer:
     """The loop's view of a next-token trainer: ``train_batches`` yields this rank's
-    micro-batches; ``valid_batches`` makes a fresh validation iterator per evaluation;
-    ``flops_per_sample`` adds TFLOP/s per GPU to the metrics."""
+    micro-batches; ``valid_batches`` makes a fresh validation iterator per evaluation. Its step
+    metrics carry Megatron-LM's tag names (``lm loss``, ``grad-norm``, ``loss-scale``)."""
     data_parallel = job.pg_collection.dp.size()
     global_batch = training.global_batch(data_parallel)
     num_microbatches = training.num_microbatches(data_parallel)
-    world = data_parallel * job.pg_collection.mp.size()
 
     def step(state: TrainState) -> StepOutput:
         start = time.perf_counter()
@@ -48,14 +47,11 @@ def next_token_trainer(
             samples_per_step=global_batch,
         )
         seconds = time.perf_counter() - start
-        metrics = {f"train/{name}": value for name, value in result.losses.items()}
+        metrics = dict(result.losses)
         if result.grad_norm is not None:
-            metrics["train/grad-norm"] = result.grad_norm
+            metrics["grad-norm"] = result.grad_norm
+        metrics["loss-scale"] = job.optimizer.get_loss_scale().item()
         metrics["train/tokens-per-second"] = global_batch * seq_length / seconds
-        if flops_per_sample:
-            metrics["train/tflops-per-gpu"] = (
-                flops_per_sample * global_batch / seconds / world / 1e12
-            )
         return StepOutput(metrics, result.update_successful)
 
     def evaluate() -> dict[str, float]:
@@ -83,4 +79,7 @@ def next_token_trainer(
         samples_per_step=global_batch,
         evaluate=evaluate if valid_batches is not None else None,
         describe=describe_losses,
+        model_chunks=job.model_chunks,
+        flops_per_step=global_batch
+        * flops_per_sample(job.transformer_config, seq_length, job.vocab_size),
     )

@@ -22,37 +22,87 @@ def build_optimizer(
                 " build the model with build_model(..., use_distributed_optimizer="
                 f"{training.use_distributed_optimizer})"
             )
-    config = OptimizerConfig(
+    optimizer = get_megatron_optimizer(optimizer_config(training), model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, **scheduler_arguments(training, data_parallel_size)
+    )
+    return optimizer, scheduler
+
+
+def optimizer_config(training: TrainingConfig) -> OptimizerConfig:
+    """Megatron-Core's OptimizerConfig for ``training`` (with --decoupled-lr, Megatron-Core's
+    standard parameter-group overrides give the embedding and output layer their own LR)."""
+    if training.fp16:
+        params_dtype = torch.float16
+    elif training.bf16:
+        params_dtype = torch.bfloat16
+    else:
+        params_dtype = torch.float32
+    return OptimizerConfig(
         optimizer=training.optimizer,
         lr=training.lr,
         min_lr=training.min_lr,
+        decoupled_lr=training.decoupled_lr,
+        decoupled_min_lr=training.decoupled_min_lr,
         weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1,
         adam_beta2=training.adam_beta2,
         adam_eps=training.adam_eps,
         clip_grad=training.clip_grad,
+        fp16=training.fp16,
         bf16=training.bf16,
-        params_dtype=torch.bfloat16 if training.bf16 else torch.float32,
+        params_dtype=params_dtype,
+        loss_scale=training.loss_scale,
+        initial_loss_scale=training.initial_loss_scale,
+        min_loss_scale=training.min_loss_scale,
+        loss_scale_window=training.loss_scale_window,
+        hysteresis=training.hysteresis,
         use_distributed_optimizer=training.use_distributed_optimizer,
+        overlap_param_gather=training.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
-    # As Megatron-LM: schedule steps count samples, so the schedule survives batch-size changes.
-    samples_per_step = training.global_batch(data_parallel_size)
-    decay_iters = training.lr_decay_iters or training.train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
+
+
+def scheduler_arguments(training: TrainingConfig, data_parallel_size: int) -> dict:
+    """OptimizerParamScheduler's arguments, computed as Megatron-LM's
+    ``get_optimizer_param_scheduler``: schedule steps count samples (so the schedule survives
+    batch-size changes); iteration-based flags are multiplied by the global batch size,
+    sample-based ones are taken as they are."""
+    global_batch = training.global_batch(data_parallel_size)
+    train_iters = training.set_train_iters(data_parallel_size)
+    if training.train_samples is not None:
+        decay_steps = training.lr_decay_samples or training.train_samples
+        warmup_steps = training.lr_warmup_samples
+        wsd_decay_steps = training.lr_wsd_decay_samples
+        wd_incr_steps = training.train_samples
+    else:
+        decay_steps = (training.lr_decay_iters or train_iters) * global_batch
+        warmup_steps = training.lr_warmup_iters * global_batch
+        wsd_decay_steps = (
+            training.lr_wsd_decay_iters * global_batch
+            if training.lr_wsd_decay_iters is not None
+            else None
+        )
+        wd_incr_steps = train_iters * global_batch
+    if training.lr_warmup_fraction is not None:
+        warmup_steps = training.lr_warmup_fraction * decay_steps
+    if decay_steps <= warmup_steps:
+        # Megatron-Core asserts warm-up < decay; a run shorter than its warm-up (tests, smoke
+        # runs) decays over one step after it, as before.
+        decay_steps = int(warmup_steps) + global_batch
+    return dict(
+        init_lr=training.lr_warmup_init,
         max_lr=training.lr,
         min_lr=training.min_lr,
-        lr_warmup_steps=training.lr_warmup_iters * samples_per_step,
-        lr_decay_steps=max(decay_iters, training.lr_warmup_iters + 1) * samples_per_step,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
         lr_decay_style=training.lr_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
-        wd_incr_steps=max(training.train_iters, 1) * samples_per_step,
+        wd_incr_steps=max(wd_incr_steps, 1),
         wd_incr_style="constant",
+        wsd_decay_steps=wsd_decay_steps,
+        lr_wsd_decay_style=training.lr_wsd_decay_style,
     )
-    return optimizer, scheduler
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ are handed to the schedules explicitly."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -107,11 +108,45 @@ def train_step(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
     )
+    losses = broadcast_from_last_stage(reports, model_chunks)
+    if not _has_loss_scaler(optimizer) and not _loss_and_grads_finite(losses, model_chunks):
+        # Megatron's skipped iteration: no parameter update and the LR schedule stays put. The
+        # norm of a gradient with a NaN or Inf in it is not finite either; it is not measured.
+        return StepResult(losses, float("nan"), False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=samples_per_step)
-    losses = broadcast_from_last_stage(reports, model_chunks)
     return StepResult(losses, grad_norm, update_successful)
+
+
+def _has_loss_scaler(optimizer) -> bool:
+    """fp16 with a loss scaler: the optimizer finds NaN/Inf gradients itself, skips the step and
+    lowers the scale (an overflow is the scaler's signal, not a bad batch)."""
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(getattr(opt, "grad_scaler", None) is not None for opt in optimizers)
+
+
+def _loss_and_grads_finite(losses: dict[str, float], model_chunks: list) -> bool:
+    """False on every rank when the loss or any rank's gradient holds a NaN or Inf."""
+    bad = not all(math.isfinite(value) for value in losses.values())
+    if not bad:
+        for chunk in model_chunks:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                if not torch.isfinite(buffer.grad_data).all():
+                    bad = True
+                    break
+    # Gradients are sharded over TP and PP (and over DP with the distributed optimizer): every
+    # rank of the model must agree to skip, or the ranks' weights would diverge.
+    groups = model_groups(model_chunks)
+    flag = torch.tensor([int(bad)], dtype=torch.int32, device=_collective_device())
+    for group in (groups.tp, groups.pp, groups.dp):
+        if group.size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return not flag.item()
+
+
+def _collective_device() -> str:
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
 def broadcast_from_last_stage(reports: list[dict], model_chunks: list) -> dict[str, float]:

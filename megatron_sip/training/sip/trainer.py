@@ -7,6 +7,7 @@ the score store and the data position, so a resumed run repeats the uninterrupte
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Optional
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_sip.data.sip_dataset import SIPSampleStream
+from megatron_sip.inference.scoring import length_multiple
 from megatron_sip.models.checkpointing import CheckpointConfig
 from megatron_sip.training.config import TrainingConfig
 from megatron_sip.training.loop import StepOutput, Trainer, TrainState
@@ -131,7 +133,8 @@ class SIPTrainer:
         metrics = {f"sip/{name.replace(' ', '-')}": value for name, value in result.losses.items()}
         metrics.update(step_metrics(scored, times, self.judge_objectives, self.groups.dp))
         if result.grad_norm is not None:
-            metrics["train/grad-norm"] = result.grad_norm
+            metrics["grad-norm"] = result.grad_norm
+        metrics["loss-scale"] = self.job.optimizer.get_loss_scale().item()
         return StepOutput(metrics, result.update_successful)
 
     def save(self, checkpoint: CheckpointConfig, state: SIPState) -> None:
@@ -152,7 +155,9 @@ class SIPTrainer:
         model = self.job.model_chunks[0]
         stream = self.valid_stream()
         num_microbatches = self.training.num_microbatches(self.groups.dp.size())
-        length = -(-self.seq_length // self.batches.length_multiple) * self.batches.length_multiple
+        # Sequence parallelism needs row lengths divisible by the TP size (layout_for pads too).
+        multiple = math.lcm(self.batches.length_multiple, length_multiple(model))
+        length = -(-self.seq_length // multiple) * multiple
         reports = []
         model.eval()
         for _ in range(self.training.eval_iters):
@@ -183,6 +188,7 @@ class SIPTrainer:
             samples_per_step=self.global_batch,
             evaluate=self.evaluate if self.valid_stream is not None else None,
             describe=describe_step,
+            model_chunks=self.job.model_chunks,
         )
 
 
@@ -214,8 +220,8 @@ def describe_step(metrics: dict[str, float]) -> list[str]:
     parts.append(f"skipped pairs {int(metrics.get('sip/skipped-pairs', 0))}")
     if metrics.get("sip/missing-scores"):
         parts.append(f"missing scores {int(metrics['sip/missing-scores'])}")
-    if "train/grad-norm" in metrics:
-        parts.append(f"grad norm {metrics['train/grad-norm']:.4f}")
+    if "grad-norm" in metrics:
+        parts.append(f"grad norm {metrics['grad-norm']:.4f}")
     timing = [
         f"{phase} {metrics[f'sip/time/{phase}']:.2f}s"
         for phase in ("rewrite", "rollout", "judge", "reference", "policy_update")
