@@ -214,14 +214,17 @@ def parse_args(
     world_size: int | None = None,
     description: str | None = None,
     exit_on_error: bool = True,
+    for_this_device: bool = True,
 ) -> J:
     """Parses Megatron-style flags into ``job``, a dataclass whose fields are config groups
     (:class:`JobConfig` or a subclass; any dataclass of config dataclasses works), then runs its
     ``validate(world_size)`` when it has one.
 
     ``world_size`` (default: from the launcher's environment) is needed to check the parallel
-    layout and batch sizes. With ``exit_on_error`` a bad setting prints its message and exits 2,
-    as argparse does; otherwise :class:`ConfigError` is raised.
+    layout and batch sizes. With ``for_this_device`` the flags the resolved ``--device`` cannot
+    run are refused too (:func:`check_device`); without it the flags are checked alone (a job
+    prepared here to run on another machine). With ``exit_on_error`` a bad setting prints its
+    message and exits 2, as argparse does; otherwise :class:`ConfigError` is raised.
     """
     groups = config_groups(job)
     parser = build_parser(groups, description)
@@ -235,7 +238,8 @@ def parse_args(
         )
         if hasattr(config, "validate"):
             config.validate(world_size if world_size is not None else world_size_from_env())
-        check_device(config)
+        if for_this_device:
+            check_device(config)
     except ConfigError as error:
         if exit_on_error:
             parser.error(str(error))

@@ -48,7 +48,7 @@ def _save_random_judge(root: str, tokenizer_model: str) -> None:
     from megatron_sip.training.setup import setup_model_and_optimizer
 
     flags = [*JUDGE_ARGS, "--tokenizer-type", "GPTSentencePieceTokenizer",
-             "--tokenizer-model", tokenizer_model]  # fmt: skip
+             "--tokenizer-model", tokenizer_model, "--train-iters", "0"]  # fmt: skip
     configs = parse_args(flags, world_size=1, exit_on_error=False)
     context = initialize_distributed(configs.parallel, "cpu", 5)
     tokenizer = build_tokenizer(configs.tokenizer)

@@ -399,9 +399,10 @@ def test_changed_schedule_is_an_error_unless_a_flag_says_which_wins():
 
 
 @pytest.mark.slow
-def test_resume_with_a_changed_schedule_exits_2_naming_it(tmp_path):
+def test_bad_resume_and_input_exit_2_naming_them(tmp_path):
     """The user story: pretrain, then resume with more iterations and another --lr. Megatron-LM's
-    answer, not a silently kept schedule: exit 2 naming both, no traceback."""
+    answer, not a silently kept schedule: exit 2 naming both, no traceback. Then a garbage tracker
+    and a tokenizer file of the wrong kind, found after parsing, stop the same way."""
     import subprocess
     import sys
 
@@ -423,3 +424,20 @@ def test_resume_with_a_changed_schedule_exits_2_naming_it(tmp_path):
     assert "--train-iters: checkpoint 24, flags 32" in result.stderr
     assert "--override-opt_param-scheduler" in result.stderr
     assert "Traceback" not in result.stderr
+
+    # A garbage tracker, and a tokenizer file of the wrong kind: the same, exit 2 naming the file.
+    tracker = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
+    tracker.write_text("half past two\n")
+    not_sentencepiece = tmp_path / "tokenizer.json"
+    not_sentencepiece.write_text('{"model": {"type": "BPE", "vocab": {}, "merges": []}}')
+    for flags, fragment in (
+        ([*NULL_TOKENIZER, *common, "--train-iters", "4"], str(tracker)),
+        (["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
+          str(not_sentencepiece), "--mock-data", "--train-iters", "4"], str(not_sentencepiece)),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "megatron_sip.pretrain", TINY_ARGS, *flags],
+            capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr

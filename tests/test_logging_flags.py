@@ -35,8 +35,13 @@ from .pretrain_utils import (
 BASE = [TINY_ARGS, *NULL_TOKENIZER, "--mock-data", "--train-iters", "2"]
 
 
-def logging_config(*flags: str) -> LoggingConfig:
-    return parse_args([*BASE, *flags], PretrainConfig, world_size=1, exit_on_error=False).logging
+def logging_config(*flags: str, for_this_device: bool = False) -> LoggingConfig:
+    """The logging settings of these flags, checked for the device only when asked."""
+    job = parse_args(
+        [*BASE, *flags], PretrainConfig, world_size=1, exit_on_error=False,
+        for_this_device=for_this_device,
+    )  # fmt: skip
+    return job.logging
 
 
 def test_flags_have_megatron_names_and_defaults():
@@ -89,7 +94,10 @@ def test_inconsistent_flags_are_refused(flags, flag, message):
 
 
 def test_gpu_only_flags_are_refused_on_cpu():
-    # The Llama-3 8B example's flags: --empty-unused-memory-level 1, nsys --profile.
+    # The Llama-3 8B example's flags: --empty-unused-memory-level 1, nsys --profile; refused
+    # while parsing for this (CPU) machine, and by the settings' own check.
+    with pytest.raises(ConfigError, match="no allocator cache"):
+        logging_config("--empty-unused-memory-level", "1", for_this_device=True)
     with pytest.raises(ConfigError, match="no allocator cache") as error:
         logging_config("--empty-unused-memory-level", "1").check_device("cpu")
     assert error.value.flag == "--empty-unused-memory-level"

@@ -5,9 +5,8 @@ and the rest trains a tiny model of the same shape family for a few iterations u
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shlex
-from pathlib import Path
 
 import pytest
 
@@ -20,25 +19,13 @@ from .pretrain_utils import ROOT, run_module, scalars
 from .test_tokenizers import write_gpt2_files
 
 SCRIPTS = ROOT / "examples" / "megatron_lm"
+FLAGS_TOOL = ROOT / "tools" / "bench" / "megatron_lm_flags.py"
 LLAMA = SCRIPTS / "train_llama3_8b_h100_fp8.args"
 GPT3 = SCRIPTS / "train_gpt3_175b_distributed.args"
 
 # The scripts' shapes made tiny (flags given later on the command line win, as in Megatron-LM).
-LLAMA_TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "16",
-    "--seq-length", "64", "--max-position-embeddings", "64", "--vocab-size", "511",
-    "--global-batch-size", "4", "--train-samples", "16", "--lr-decay-samples", "16",
-    "--lr-warmup-samples", "4", "--eval-interval", "2", "--eval-iters", "1",
-    "--save-interval", "2",
-]  # fmt: skip
-GPT3_TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "32", "--max-position-embeddings", "32", "--global-batch-size", "4",
-    "--train-iters", "4", "--lr-decay-iters", "4", "--log-interval", "1",
-    "--eval-interval", "2", "--eval-iters", "1", "--save-interval", "2",
-    "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
-]  # fmt: skip
+LLAMA_TINY = SCRIPTS / "tiny_llama3.args"
+GPT3_TINY = SCRIPTS / "tiny_gpt3.args"
 
 # Flags refused on this CPU machine, each group with the flag its error names and words of the
 # reason. Everything else in the scripts is honoured.
@@ -63,20 +50,22 @@ GPT3_REFUSED = {
 }
 
 
-def read_flags(path: Path) -> list[str]:
-    """The flags of an args file, split as ``@file`` is read (``#`` starts a comment)."""
-    return [token for line in path.read_text().splitlines() for token in shlex.split(line, True)]
+def _flags_tool():
+    spec = importlib.util.spec_from_file_location("megatron_lm_flags", FLAGS_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FLAGS = _flags_tool()
+read_flags = FLAGS.read_flags
 
 
 def drop(flags: list[str], names) -> list[str]:
     """``flags`` without each flag of ``names`` and its values."""
-    kept, skipping = [], False
-    for token in flags:
-        if token.startswith("--"):
-            skipping = token in names
-        if not skipping:
-            kept.append(token)
-    return kept
+    for name in names:
+        flags = FLAGS.drop(flags, name)
+    return flags
 
 
 def assert_refusals(flags: list[str], refused: dict) -> list[str]:
@@ -91,6 +80,10 @@ def assert_refusals(flags: list[str], refused: dict) -> list[str]:
         assert reason in str(error.value), str(error.value)
     accepted = drop(flags, everything)
     parse_args(accepted, PretrainConfig, world_size=2, exit_on_error=False)
+    # tools/bench/megatron_lm_flags.py (what gpu_check.sh runs) finds the same refusals alone.
+    found, refusals = FLAGS.accepted_flags(flags, world_size=2)
+    assert found == accepted
+    assert {line.split(":")[0] for line in refusals} == set(everything)
     return accepted
 
 
@@ -108,7 +101,7 @@ def test_llama3_8b_script_flags_train_on_cpu(tmp_path):
         "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
         "--tensorboard-dir", str(tmp_path / "tb"), "--data-cache-path", str(tmp_path / "cache"),
     ]  # fmt: skip
-    flags = assert_refusals([*read_flags(LLAMA), *LLAMA_TINY, *paths], LLAMA_REFUSED)
+    flags = assert_refusals([*read_flags(LLAMA), *read_flags(LLAMA_TINY), *paths], LLAMA_REFUSED)
     # The script's layout at 2 ranks: TP=1 (so --sequence-parallel switches off, as in
     # Megatron-LM), data-parallel 2 with the distributed optimizer and both overlaps.
     output = run_module(2, "megatron_sip.pretrain", *flags)
@@ -145,7 +138,7 @@ def test_gpt3_175b_script_flags_train_on_cpu(tmp_path):
         "--tensorboard-dir", str(tmp_path / "tb"), "--data-path", f"{prefix}_text_document",
         "--vocab-file", str(vocab_file), "--merge-file", str(merge_file),
     ]  # fmt: skip
-    flags = assert_refusals([*read_flags(GPT3), *GPT3_TINY, *paths], GPT3_REFUSED)
+    flags = assert_refusals([*read_flags(GPT3), *read_flags(GPT3_TINY), *paths], GPT3_REFUSED)
     # fp16 with dynamic loss scaling at pipeline-parallel 2: 4 iterations.
     run_module(2, "megatron_sip.pretrain", *flags)
     assert read_tracker(tmp_path / "ckpt") == 4

@@ -95,19 +95,13 @@ SHAPE = [
 ]  # fmt: skip
 
 
-def _model(*flags, world_size=1):
+def _model(*flags, world_size=1, for_this_device=True):
     from megatron_sip.arguments import parse_args
 
-    return parse_args([*SHAPE, *flags], world_size=world_size, exit_on_error=False)
-
-
-@pytest.fixture
-def cpu_platform():
-    platform.activate("cpu")
-    try:
-        yield
-    finally:
-        platform.deactivate()
+    return parse_args(
+        [*SHAPE, *flags], world_size=world_size, exit_on_error=False,
+        for_this_device=for_this_device,
+    )  # fmt: skip
 
 
 def test_model_flags_reach_transformer_config(cpu_platform):
@@ -150,7 +144,9 @@ def test_fusions_follow_megatron_lm_on_a_gpu(cpu_platform, monkeypatch):
         "persist_layer_norm": True,
     }  # fmt: skip
     with pytest.raises(ConfigError, match="--fp8-format: FP8 runs through Transformer Engine"):
-        _model("--fp8-format", "hybrid", "--transformer-impl", "local").model.check_device("cuda")
+        _model(
+            "--fp8-format", "hybrid", "--transformer-impl", "local", for_this_device=False
+        ).model.check_device("cuda")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -168,7 +164,12 @@ def test_fusions_follow_megatron_lm_on_a_gpu(cpu_platform, monkeypatch):
 def test_model_flags_the_cpu_cannot_run_are_refused(cpu_platform, flags, flag, fragment):
     from megatron_sip.models.gpt import transformer_config
 
-    config = _model(*flags)  # parsing cannot know the device; building the model refuses
+    # Refused while parsing, for the device --device resolves to (here the CPU) ...
+    with pytest.raises(ConfigError) as error:
+        _model(*flags)
+    assert error.value.flag == flag and fragment in str(error.value)
+    # ... and again when a model is built from settings checked for another device.
+    config = _model(*flags, for_this_device=False)
     with pytest.raises(ConfigError) as error:
         transformer_config(config.model, config.parallel)
     assert error.value.flag == flag and fragment in str(error.value)

@@ -9,15 +9,6 @@ from megatron_sip import platform
 from megatron_sip.errors import ConfigError
 
 
-@pytest.fixture
-def cpu_platform():
-    platform.activate("cpu")
-    try:
-        yield
-    finally:
-        platform.deactivate()
-
-
 def test_device_requests_land_on_cpu(cpu_platform):
     assert platform.active_device() == "cpu" and platform.distributed_backend() == "gloo"
     assert torch.empty(3, device="cuda").device.type == "cpu"

@@ -11,7 +11,7 @@ import torch
 
 from megatron_sip.inference.generation import generate
 from megatron_sip.inference.sampling import SamplingConfig
-from megatron_sip.inference.scoring import layout_for, scoring_forward_step
+from megatron_sip.inference.scoring import layout_for
 from megatron_sip.initialize import destroy_distributed
 from megatron_sip.models.checkpointing import unwrap_model
 from megatron_sip.platform import LocalNorm
@@ -28,11 +28,12 @@ from megatron_sip.training.sip.candidates import ScoredSample
 from megatron_sip.training.sip.config import SIPConfig
 from megatron_sip.training.sip.objectives import OBJECTIVES
 from megatron_sip.training.sip.selection import ORIGINAL, ROLLOUT, Candidate, Selection
-from megatron_sip.training.step import configure_schedule, forward_backward, train_step
+from megatron_sip.training.step import configure_schedule, train_step
 
 from . import workers
 from .distributed import run_ranks
-from .test_scoring import CANDIDATES, PREFIXES, _loss
+from .test_scoring import CANDIDATES, PREFIXES
+from .test_scoring import _score as score_packed
 
 STEPS = 3
 # Rows of 31 and 27 positions: odd, so sequence parallelism at TP=2 needs a padded row.
@@ -83,17 +84,8 @@ def _score(chunks):
     """Candidate token log-probs and the gradients of their sum (odd row lengths: layout_for
     pads them to a multiple of TP under sequence parallelism)."""
     packed = layout_for(chunks[0], PREFIXES, SCORED)
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    reports = forward_backward(
-        partial(scoring_forward_step, packed, _loss),
-        iter([None]),
-        chunks,
-        num_microbatches=1,
-        seq_length=packed.tokens.shape[1],
-        micro_batch_size=packed.tokens.shape[0],
-    )
-    return packed.tokens.shape[1], reports[0]["token_log_probs"], workers.named_grads(chunks)
+    log_probs, grads = score_packed(chunks, packed)
+    return packed.tokens.shape[1], log_probs, grads
 
 
 def _sip_step(chunks, optimizer, scheduler):

@@ -6,6 +6,7 @@ KL estimate)."""
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -215,7 +216,9 @@ def scored_sample(prefix, original, rollouts, selection, rewrite=None, log_probs
     )
 
 
-MODEL = torch.nn.Module()  # attention-free stand-in: packing needs no model
+# Attention-free stand-in: packing needs no model, only its config (no sequence parallelism).
+MODEL = torch.nn.Module()
+MODEL.config = types.SimpleNamespace(tensor_model_parallel_size=1, sequence_parallel=False)
 PAIR = Selection(Candidate(ROLLOUT, 1), Candidate(ROLLOUT, 0), gap=0.5)
 SKIPPED = Selection(Candidate(ORIGINAL, 0), Candidate(ROLLOUT, 0), skipped="small_gap")
 

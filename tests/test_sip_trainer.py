@@ -151,7 +151,7 @@ def test_sip_step_at_tp2_and_pp2_equals_tp1(sip_data):
                 assert runs[name]["metrics"][metric] == pytest.approx(value), (name, metric)
     out = root / "weights.pt"
     checkpoints = [str(root / n) for n in ("init", "tp1", "tp2", "pp2")]
-    run_ranks(_weights_worker, 1, checkpoints, flags, str(out))
+    run_ranks(_weights_worker, 1, checkpoints, [*flags, "--train-iters", "1"], str(out))
     initial, tp1, *others = torch.load(out)
     for other in others:
         for side in ("policy", "reference"):

@@ -22,10 +22,11 @@ import time
 import torch
 
 from megatron_sip.arguments import JobConfig, parse_args
-from megatron_sip.errors import exits_on_bad_input
+from megatron_sip.data.tokenizers import build_tokenizer
+from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
-from megatron_sip.models.checkpointing import load_checkpoint
+from megatron_sip.models.checkpointing import load_checkpoint, megatron_lm_args
 from megatron_sip.platform import torch_device
 from megatron_sip.training.loop import train
 from megatron_sip.training.metrics import LoggingConfig, MetricWriter
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     config = parse_args(argv, JobConfig, description=__doc__)
     model_cfg, training = config.model, config.training
     if config.tokenizer.tokenizer_type != "NullTokenizer":
-        raise SystemExit("--tokenizer-type: the smoke test trains on random ids (NullTokenizer)")
+        raise ConfigError("--tokenizer-type", "the smoke test trains on random ids: NullTokenizer")
     context = initialize_distributed(config.parallel, config.platform.device, training.seed)
     setup_logging()
     layout = context.describe()
@@ -60,8 +61,12 @@ def main(argv=None) -> None:
         f"world {context.world_size} on {context.device} ({layout['backend']}): "
         f"TP={layout['tp_size']} PP={layout['pp_size']} DP={layout['dp_size']}"
     )
+    vocab_size = build_tokenizer(config.tokenizer).vocab_size
     job = setup_model_and_optimizer(
-        model_cfg, config.parallel, training, config.tokenizer, config.tokenizer.vocab_size, context
+        model_cfg, config.parallel, training, config.tokenizer, vocab_size, context
+    )
+    job.checkpoint_args = megatron_lm_args(
+        config, padded_vocab_size=job.vocab_size, world_size=context.world_size
     )
     chunks = job.model_chunks
     local_params = sum(p.numel() for p in chunks[0].parameters())
@@ -74,9 +79,7 @@ def main(argv=None) -> None:
         torch.distributed.broadcast_object_list(shared, src=0)
         checkpoint = dataclasses.replace(checkpoint, save=shared[0])
     state = resume(checkpoint, job)
-    batch = synthetic_batch(
-        training.micro_batch_size, model_cfg.seq_length, config.tokenizer.vocab_size, 0
-    )
+    batch = synthetic_batch(training.micro_batch_size, model_cfg.seq_length, vocab_size, 0)
     trainer = next_token_trainer(
         job, training, checkpoint, seq_length=model_cfg.seq_length,
         train_batches=itertools.repeat(batch),

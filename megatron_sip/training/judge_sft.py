@@ -25,6 +25,7 @@ from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.log import print_rank_0, setup_logging
+from megatron_sip.models.checkpointing import megatron_lm_args
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.config import JudgePromptConfig
 from megatron_sip.roles.prompts import (
@@ -223,6 +224,9 @@ def main(argv=None) -> None:
     print_rank_0(f"judge SFT on {len(pairs)} verdicts from {sft.judge_train_data}")
     job = setup_model_and_optimizer(
         config.model, config.parallel, training, config.tokenizer, tokenizer.vocab_size, context
+    )
+    job.checkpoint_args = megatron_lm_args(
+        config, padded_vocab_size=job.vocab_size, world_size=context.world_size
     )
     state = resume(config.checkpoint, job)
     trainer = next_token_trainer(

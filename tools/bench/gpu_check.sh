@@ -96,6 +96,10 @@ run_step import "$PYTHON" -c \
 run_step tests "$PYTHON" -m pytest -q tests/test_dpo_op.py tests/test_fused_linear.py tests/test_bench_dpo_logratio.py \
   || status=1
 run_step bench "$PYTHON" tools/bench/bench_dpo_logratio.py --device cuda || status=1
+# Megatron-LM's Llama-3 8B example flags at a tiny shape on one GPU: which flags this GPU refuses
+# (FP8 and TE attention without Transformer Engine, fusions without their kernels), then 4 steps.
+run_step megatron_lm "$PYTHON" tools/bench/megatron_lm_flags.py --output-dir "$LOG_DIR/megatron_lm" \
+  --nproc 1 || status=1
 
 echo
 echo "== bench: last JSON line"
