@@ -59,9 +59,23 @@ def run_module(nproc: int, module: str, *flags: str, timeout: int = 600) -> str:
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", module, *flags,
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun stops its ranks (each in a session of its own) before it exits; a
+        # SIGKILL would leave them running.
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = "", "(torchrun did not stop on SIGTERM)"
+        raise AssertionError(f"timed out after {timeout} s:\n{(stdout + stderr)[-6000:]}") from None
+    output = stdout + stderr
+    assert process.returncode == 0, output[-6000:]
     return output
 
 
