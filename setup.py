@@ -63,6 +63,10 @@ setup(
         "sentencepiece",
         "tokenizers",
         "tiktoken",  # TikTokenizer (Megatron-Core's TikTokenTokenizer)
+        # Hugging Face models in and out (tools/convert_checkpoint.py) and chat templates; read
+        # from local directories only, never a hub.
+        "transformers>=4.56",
+        "safetensors",
         "pybind11",
         "psutil",
         "tqdm",

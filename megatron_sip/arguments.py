@@ -175,13 +175,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the entry point's docstring as written."""
 
 
-class _FlagsFileParser(argparse.ArgumentParser):
+class FlagsFileParser(argparse.ArgumentParser):
+    """An argument parser whose ``@path`` flags files hold shell-quoted flags, any number per
+    line, ``#`` comments allowed (construct it with ``fromfile_prefix_chars="@"``)."""
+
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
         return shlex.split(arg_line, comments=True)
 
 
 def build_parser(groups: Mapping[str, type], description: str | None = None):
-    parser = _FlagsFileParser(
+    parser = FlagsFileParser(
         description=description,
         fromfile_prefix_chars="@",
         formatter_class=_HelpFormatter,
@@ -259,6 +262,26 @@ def check_device(job) -> None:
         group = getattr(job, field.name)
         if hasattr(group, "check_device"):
             group.check_device(device)
+
+
+def flags_file_lines(config) -> list[str]:
+    """The command-line flags that rebuild ``config`` (one config dataclass): one line per
+    setting that differs from its default, for a flags file (``@path``)."""
+    lines = []
+    for field in dataclasses.fields(config):
+        value, default = getattr(config, field.name), _default(field)
+        if not field.init or field.metadata.get("no_flag") or value == default:
+            continue
+        flag = flag_name(field)
+        if isinstance(value, bool):
+            lines.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            lines.append(shlex.join([flag, *map(str, value)]))
+        elif value is None:
+            raise ValueError(f"{flag}: a default of {default!r} cannot be unset in a flags file")
+        else:
+            lines.append(shlex.join([flag, str(value)]))
+    return lines
 
 
 def set_flags(config, names: Sequence[str] | None = None) -> list[str]:

@@ -212,7 +212,8 @@ def _numbers(ranges: str, hostlist: str) -> list[str]:
     return numbers
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (a local world's rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -250,7 +251,7 @@ def launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             master_addr=master_addr,
             master_port=master_port,
         )
-    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
 
 
 def world_size_from_env() -> int:
@@ -371,3 +372,29 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _spawned_rank(local_rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    # A SLURM allocation's variables describe the job's world, not this one.
+    for name in list(os.environ):
+        if name.startswith("SLURM_"):
+            del os.environ[name]
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    fn(*args)
+
+
+def spawn_local_world(fn, world_size: int, *args) -> None:
+    """Calls ``fn(*args)`` on ``world_size`` new local processes with the environment torchrun
+    gives its ranks (127.0.0.1, a free port, one OpenMP thread each): for tools that start their
+    own world, such as checkpoint conversion. A failure on any rank raises here
+    (``torch.multiprocessing.ProcessRaisedException`` / ``ProcessExitedException``)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned_rank, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)

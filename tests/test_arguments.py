@@ -106,6 +106,11 @@ def test_llama_flags_parse_into_configs(tmp_path):
         (["--device", "tpu"], 1, "--device", "unknown value 'tpu'"),
         (["--ckpt-format", "torch"], 1, "--ckpt-format", "unknown value 'torch'"),
         (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr", "1.0 is above --lr 0.1"),
+        (["--use-rope-scaling"], 1, "--use-rope-scaling",
+         "only applies to --position-embedding-type rope"),
+        (["--rope-scaling-factor", "32"], 1, "--rope-scaling-factor",
+         "only applies with --use-rope-scaling"),
+        (["--model-vocab-size", "0"], 1, "--model-vocab-size", "must be positive"),
         (["--context-parallel-size", "2"], 2, "--context-parallel-size",
          "2 is not supported: batches are not split per context-parallel rank"),
     ],
@@ -299,3 +304,14 @@ def test_megatron_lm_training_and_data_flags_parse():
     defaults = parse().training
     assert (defaults.eval_iters, defaults.hysteresis) == (100, 2)
     assert (defaults.initial_loss_scale, defaults.loss_scale_window) == (2**32, 1000)
+
+
+def test_model_vocab_size_sizes_the_embedding():
+    from megatron_sip.data.config import TokenizerConfig, embedding_vocab_size
+
+    null = dict(tokenizer_type="NullTokenizer", vocab_size=255)
+    assert embedding_vocab_size(TokenizerConfig(**null), 256, 2) == 256
+    rows = TokenizerConfig(**null, model_vocab_size=320)
+    assert embedding_vocab_size(rows, 256, 1) == 384 and embedding_vocab_size(rows, 256, 2) == 512
+    with pytest.raises(ConfigError, match="--model-vocab-size: 200 is smaller than the tokenizer"):
+        embedding_vocab_size(TokenizerConfig(**null, model_vocab_size=200), 256, 1)

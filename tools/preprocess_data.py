@@ -44,7 +44,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_sip.arguments import add_config_arguments, config_from_namespace
+from megatron_sip.arguments import FlagsFileParser, add_config_arguments, config_from_namespace
 from megatron_sip.data.config import TokenizerConfig
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.errors import ConfigError
@@ -57,10 +57,11 @@ class InputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagsFileParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
+        fromfile_prefix_chars="@",  # e.g. an imported model's tokenizer.args
     )
     group = parser.add_argument_group("input and output")
     group.add_argument(

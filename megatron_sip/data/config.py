@@ -92,6 +92,12 @@ class TokenizerConfig:
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding table to a multiple of this times the tensor-parallel size."""
 
+    model_vocab_size: Optional[int] = None
+    """Rows of the embedding table and output layer before that padding (default: the
+    tokenizer's vocabulary size). A model imported from Hugging Face keeps its config's
+    vocab_size, which can exceed its tokenizer's (Qwen2.5: 151936 rows for 151665 tokens); never
+    smaller than the tokenizer's vocabulary."""
+
     def __post_init__(self):
         if self.tokenizer_type is None:
             self.tokenizer_type = self._implied_type()
@@ -138,6 +144,10 @@ class TokenizerConfig:
         for flag, is_set in tiktoken_flags.items():
             if is_set and kind != "TikTokenizer":
                 raise ConfigError(flag, f"only for TikTokenizer, not {kind}")
+        if self.model_vocab_size is not None and self.model_vocab_size <= 0:
+            raise ConfigError(
+                "--model-vocab-size", f"must be positive, got {self.model_vocab_size}"
+            )
         if self.tiktoken_pattern is not None:
             require_choice("--tiktoken-pattern", self.tiktoken_pattern, ("v1", "v2"))
         if self.tiktoken_special_tokens and self.tokenizer_special_tokens:
@@ -161,6 +171,22 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     """Megatron's embedding padding: a multiple of ``divisible_by * TP``."""
     multiple = divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+def embedding_vocab_size(
+    config: TokenizerConfig, tokenizer_vocab_size: int, tensor_parallel_size: int
+) -> int:
+    """Rows of the model's embedding table and output layer on all tensor-parallel ranks:
+    --model-vocab-size (default: the tokenizer's ``tokenizer_vocab_size``) padded to
+    --make-vocab-size-divisible-by x TP."""
+    rows = config.model_vocab_size or tokenizer_vocab_size
+    if rows < tokenizer_vocab_size:
+        raise ConfigError(
+            "--model-vocab-size",
+            f"{rows} is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size} ids); "
+            "the embedding needs a row for every id",
+        )
+    return padded_vocab_size(rows, config.make_vocab_size_divisible_by, tensor_parallel_size)
 
 
 DATALOADER_TYPES = ("single", "cyclic", "external")

@@ -484,6 +484,65 @@ class HuggingFaceTokenizer(_Tokenizer):
     def vocab(self) -> dict[str, int]:
         return self._tokenizer.get_vocab(with_added_tokens=True)
 
+    @functools.cached_property
+    def adds_special_tokens(self) -> bool:
+        """Whether the tokenizer's own post-processor adds special tokens to every text (Llama's
+        BOS; Qwen's adds none): what --tokenizer-hf-include-special-tokens turns on."""
+        encode = self._tokenizer.encode
+        return encode("a", add_special_tokens=True).ids != encode("a", add_special_tokens=False).ids
+
+    # -- chat template (instruct models) ---------------------------------------------------
+
+    @functools.cached_property
+    def chat_template(self) -> str | None:
+        """The model's chat template (Jinja), as ``transformers`` finds it beside the
+        tokenizer: ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``
+        (its ``default`` entry when it names several); None for a base model without one."""
+        directory = os.path.dirname(self.tokenizer_file)
+        jinja = os.path.join(directory, "chat_template.jinja")
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as handle:
+                return handle.read()
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        if not os.path.isfile(config_path):
+            return None
+        with open(config_path, encoding="utf-8") as handle:
+            template = json.load(handle).get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {entry.get("name"): entry.get("template") for entry in template}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    @functools.cached_property
+    def _chat_renderer(self):
+        """transformers' tokenizer of the same directory: it renders chat templates exactly as
+        the model's own stack does (sandboxed Jinja, special-token variables)."""
+        if self.chat_template is None:
+            raise ConfigError(
+                "--tokenizer-model",
+                f"{os.path.dirname(self.tokenizer_file)} has no chat template (no "
+                "chat_template.jinja, no chat_template in tokenizer_config.json): a base model",
+            )
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(
+            tokenizer_file=self.tokenizer_file, chat_template=self.chat_template,
+            **self._configured_special_tokens(os.path.dirname(self.tokenizer_file)),
+        )  # fmt: skip
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to ``messages`` ([{"role", "content"}, ...]); with
+        ``add_generation_prompt`` it ends where the assistant's reply starts."""
+        return self._chat_renderer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True):
+        """Token ids of :meth:`render_chat`; the template writes its own special tokens (BOS),
+        so none are added (as ``transformers``' ``apply_chat_template``)."""
+        text = self.render_chat(messages, add_generation_prompt)
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
 
 # ---- GPT-2 BPE: vocab.json + merges.txt --------------------------------------------------------
 

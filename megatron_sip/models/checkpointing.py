@@ -31,12 +31,18 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed.data_parallel_base import _BaseDataParallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import Float16Module
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_sip.data.config import TokenizerConfig
 from megatron_sip.errors import ConfigError, require_choice
@@ -414,7 +420,7 @@ def megatron_lm_args(job_config, *, padded_vocab_size: int, world_size: int) -> 
             for field in dataclasses.fields(settings):
                 values[field.name] = _plain(getattr(settings, field.name))
     model: ModelConfig = job_config.model
-    training = job_config.training
+    training = getattr(job_config, "training", None)  # None: a converted model, not a run
     data_parallel_size = job_config.parallel.data_parallel_size(world_size)
     values.update(
         padded_vocab_size=padded_vocab_size,
@@ -422,12 +428,12 @@ def megatron_lm_args(job_config, *, padded_vocab_size: int, world_size: int) -> 
         data_parallel_size=data_parallel_size,
         ffn_hidden_size=model.ffn_size(),
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.head_dim(),
         num_query_groups=model.query_groups() if model.group_query_attention else None,
         add_position_embedding=model.position_embedding_type == "learned_absolute",
         use_rotary_position_embeddings=model.position_embedding_type == "rope",
         add_bias_linear=not model.disable_bias_linear,
-        global_batch_size=training.global_batch(data_parallel_size),
+        global_batch_size=training.global_batch(data_parallel_size) if training else None,
         use_dist_ckpt=True,
         ckpt_format="torch_dist",
         consumed_train_samples=0,
@@ -644,8 +650,9 @@ def saved_model_settings(root: str | os.PathLike) -> tuple[ModelConfig, Tokenize
     return ModelConfig(**extra["model"]), TokenizerConfig(**extra["tokenizer"])
 
 
-# Megatron-LM's load_args_from_checkpoint: (argument, force). Forced ones take the checkpoint's
-# value over the flag; the others only fill a flag left unset.
+# Megatron-LM's load_args_from_checkpoint, plus what a Hugging Face architecture needs that its list
+# lacks (RoPE scaling, norm epsilon): (argument, force). Forced ones take the checkpoint's value
+# over the flag; the others only fill a flag left unset.
 _ARCH_ARGS = (
     ("num_layers", False),
     ("hidden_size", False),
@@ -661,6 +668,10 @@ _ARCH_ARGS = (
     ("rotary_percent", True),
     ("rotary_interleaved", True),
     ("add_qkv_bias", True),
+    ("qk_layernorm", True),
+    ("use_rope_scaling", True),
+    ("rope_scaling_factor", True),
+    ("norm_epsilon", True),
     ("squared_relu", True),
     ("swiglu", True),
     ("untie_embeddings_and_output_weights", True),
@@ -668,6 +679,20 @@ _ARCH_ARGS = (
     ("normalization", True),
     ("attention_dropout", True),
     ("hidden_dropout", True),
+)
+
+
+# The tokenizer settings --use-checkpoint-args takes (Megatron-LM's, then those an imported Hugging
+# Face model needs to tokenize and size its vocabulary as it was trained).
+_TOKENIZER_ARGS = (
+    "tokenizer_type",
+    "tokenizer_model",
+    "vocab_file",
+    "merge_file",
+    "vocab_size",
+    "tokenizer_hf_include_special_tokens",
+    "make_vocab_size_divisible_by",
+    "model_vocab_size",
 )
 
 
@@ -707,7 +732,7 @@ def checkpoint_arg_values(checkpoint: CheckpointConfig, values: dict) -> dict:
             "learned_absolute" if saved.add_position_embedding else "none"
         )
     if checkpoint.use_tokenizer_model_from_checkpoint_args:
-        for name in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
+        for name in _TOKENIZER_ARGS:
             if getattr(saved, name, None) is not None:
                 updates[name] = getattr(saved, name)
     changed = {k: v for k, v in updates.items() if values.get(k) != v}
@@ -720,6 +745,115 @@ def checkpoint_arg_values(checkpoint: CheckpointConfig, values: dict) -> dict:
 
 
 # ---- load -----------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Reads any box of the tensors of a torch_dist checkpoint, on one process and without
+    collectives, whatever TP/PP it was saved at: whole tensors, one layer of Megatron-Core's
+    layer-stacked ones ([num_layers, ...]), or some rows of a vocabulary tensor. Megatron-Core
+    loads whole sharding grids collectively, so this reads through torch.distributed.checkpoint
+    (the format under torch_dist) with a planner that asks for one box of each tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.metadata
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        meta = self.metadata.get(key)
+        if meta is None or not hasattr(meta, "size"):
+            raise ConfigError(str(self.path), f"holds no tensor {key}")
+        return tuple(meta.size)
+
+    def read_boxes(self, boxes: dict[str, tuple[list[int], list[int]]]) -> dict:
+        """{key: tensor of the box (offsets, sizes)} of each saved tensor."""
+        tensors = {
+            key: torch.empty(sizes, dtype=self.metadata[key].properties.dtype)
+            for key, (_, sizes) in boxes.items()
+        }
+        dcp.load(
+            tensors,
+            storage_reader=FileSystemReader(str(self.path)),
+            planner=_BoxLoadPlanner({key: offsets for key, (offsets, _) in boxes.items()}),
+            no_dist=True,
+        )
+        return tensors
+
+    def read(self, keys: list[str], layer: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Whole tensors ``keys``, or with ``layer`` that layer of layer-stacked ones."""
+        boxes = {}
+        for key in keys:
+            shape = list(self.shape(key))
+            offsets = [0] * len(shape)
+            if layer is not None:
+                offsets[0], shape[0] = layer, 1
+            boxes[key] = (offsets, shape)
+        tensors = self.read_boxes(boxes)
+        return {key: t[0] if layer is not None else t for key, t in tensors.items()}
+
+
+class _BoxLoadPlanner(DefaultLoadPlanner):
+    """A torch.distributed.checkpoint load planner that fills each tensor of the state dict
+    from the box of the saved tensor at the given offsets (the box's size is the tensor's)."""
+
+    def __init__(self, boxes: dict[str, list[int]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.boxes = boxes
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, tensor in self.state_dict.items():
+            box = ChunkStorageMetadata(offsets=torch.Size(self.boxes[key]), sizes=tensor.size())
+            meta = self.metadata.state_dict_metadata[key]
+            items += create_read_items_for_chunk_list(key, meta, [box])
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        tensor = self.state_dict[read_item.dest_index.fqn]
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, offset, length)
+        return tensor
+
+
+# Tensors with one row per vocabulary id, padded to --make-vocab-size-divisible-by x TP.
+_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _split_vocab_tensors(state: dict, reader: CheckpointReader) -> dict:
+    """Takes out of the sharded ``state`` the vocabulary tensors whose padded size differs from
+    the checkpoint's (saved at another TP size: the padding is a multiple of 128 x TP), which
+    Megatron-Core cannot reshard; returns {(model key, parameter name): ShardedTensor} for
+    :func:`_read_vocab_rows`. Rows past the smaller size are padding on both sides."""
+    split = {}
+    for model_key, entries in state.items():
+        if not isinstance(entries, dict) or model_key in ("optimizer", "opt_param_scheduler"):
+            continue
+        for name, sharded in list(entries.items()):
+            key = getattr(sharded, "key", None)
+            if key is None or not key.endswith(_VOCAB_TENSORS) or key not in reader:
+                continue
+            if reader.shape(key)[0] != sharded.global_shape[0]:
+                split[(model_key, name)] = entries.pop(name)
+    return split
+
+
+def _read_vocab_rows(split: dict, reader: CheckpointReader) -> dict:
+    """This rank's rows of each split-off vocabulary tensor: the saved rows it covers, zeros for
+    padding rows the checkpoint does not have."""
+    loaded = {}
+    for (model_key, name), sharded in split.items():
+        saved_rows = reader.shape(sharded.key)[0]
+        start, rows = sharded.global_offset[0], sharded.local_shape[0]
+        tensor = torch.zeros(sharded.local_shape, dtype=sharded.data.dtype)
+        available = max(0, min(rows, saved_rows - start))
+        if available:
+            box = ([start] + [0] * (len(sharded.local_shape) - 1),
+                   [available, *sharded.local_shape[1:]])  # fmt: skip
+            tensor[:available] = reader.read_boxes({sharded.key: box})[sharded.key]
+        loaded[(model_key, name)] = tensor.to(sharded.data.device)
+    return loaded
 
 
 @dataclasses.dataclass
@@ -857,7 +991,20 @@ def load_checkpoint(
         rng_version=version,
         extra_modules=extra_modules,
     )
+    reader = CheckpointReader(path)
+    vocab_split = _split_vocab_tensors(state, reader)
+    if vocab_split and restore_optim:
+        key = next(iter(vocab_split.values())).key
+        raise ConfigError(
+            "--load",
+            f"{path} pads the vocabulary to {reader.shape(key)[0]} rows ({key}) and this run to "
+            f"{next(iter(vocab_split.values())).global_shape[0]} (the padding is a multiple of "
+            "--make-vocab-size-divisible-by x TP), so its optimizer state cannot be resharded: "
+            "resume at the checkpoint's TP size, or pass --no-load-optim",
+        )
     loaded = dist_checkpointing.load(state, str(path))
+    for (model_key, name), tensor in _read_vocab_rows(vocab_split, reader).items():
+        loaded[model_key][name] = tensor
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     for key, module in (extra_modules or {}).items():

@@ -59,6 +59,15 @@ class ModelConfig:
     """Fraction of each head's dimensions that RoPE rotates (with --position-embedding-type
     rope)."""
 
+    use_rope_scaling: bool = False
+    """Llama 3.1's RoPE frequency scaling (with --position-embedding-type rope), as Megatron-Core
+    applies it: wavelengths longer than the original 8192-token context are divided by
+    --rope-scaling-factor, shorter than 8192/4 kept, those between interpolated (low- and
+    high-frequency factors 1 and 4)."""
+
+    rope_scaling_factor: float = 8.0
+    """RoPE scaling factor with --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)."""
+
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     """Normalisation layer: LayerNorm (GPT-2) or RMSNorm (Llama)."""
 
@@ -73,6 +82,14 @@ class ModelConfig:
 
     disable_bias_linear: bool = False
     """No biases in linear layers (Llama)."""
+
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections even with --disable-bias-linear
+    (Qwen2/2.5)."""
+
+    qk_layernorm: bool = False
+    """Normalise each head's queries and keys (with --normalization's norm over the head
+    dimension) before RoPE (Qwen3)."""
 
     hidden_dropout: float = 0.1
     """Dropout probability on the transformer hidden states."""
@@ -206,6 +223,16 @@ class ModelConfig:
             ):
                 if value != default:
                     raise ConfigError(flag, "only applies to --position-embedding-type rope")
+        if self.use_rope_scaling and self.position_embedding_type != "rope":
+            raise ConfigError(
+                "--use-rope-scaling", "only applies to --position-embedding-type rope"
+            )
+        if self.rope_scaling_factor != 8.0 and not self.use_rope_scaling:
+            raise ConfigError("--rope-scaling-factor", "only applies with --use-rope-scaling")
+        if self.use_rope_scaling and self.rope_scaling_factor <= 0:
+            raise ConfigError(
+                "--rope-scaling-factor", f"must be positive, got {self.rope_scaling_factor}"
+            )
         if self.num_query_groups and not self.group_query_attention:
             raise ConfigError(
                 "--num-query-groups", "needs --group-query-attention (as in Megatron-LM)"
@@ -370,6 +397,10 @@ class ModelConfig:
             "apply_rope_fusion": self.apply_rope_fusion and self.position_embedding_type == "rope",
             "persist_layer_norm": self.persist_layer_norm,
         }
+
+    def head_dim(self) -> int:
+        """Dimension of each attention head (--kv-channels, else hidden size / heads)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def query_groups(self) -> int:
         """Key/value heads: --num-query-groups with GQA, else one per attention head."""

@@ -64,6 +64,8 @@ def _model_flag_settings(model: ModelConfig) -> dict:
     model.check_device(platform.active_device())
     return dict(
         kv_channels=model.kv_channels,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         layernorm_zero_centered_gamma=model.apply_layernorm_1p,
         attention_backend=AttnBackend[model.attention_backend],
         cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
@@ -92,11 +94,12 @@ def layer_spec(
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     layers = get_num_layers_to_build(config, pp_rank=pg_collection.pp.rank())
-    return platform.local_block_spec(
-        get_gpt_layer_local_spec(normalization=model.normalization), config, layers
+    local_spec = get_gpt_layer_local_spec(
+        normalization=model.normalization, qk_layernorm=model.qk_layernorm
     )
+    return platform.local_block_spec(local_spec, config, layers)
 
 
 def build_gpt_model(
@@ -118,6 +121,8 @@ def build_gpt_model(
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
         rotary_percent=model.rotary_percent,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
         pg_collection=pg_collection,
     )
 

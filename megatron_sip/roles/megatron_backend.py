@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from megatron_sip import platform
-from megatron_sip.data.config import TokenizerConfig, padded_vocab_size
+from megatron_sip.data.config import TokenizerConfig, embedding_vocab_size
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.errors import ConfigError
 from megatron_sip.inference.generation import generate
@@ -75,10 +75,8 @@ class RoleModel:
         self.load_dir = load_dir
         self.model_config = model
         self.tokenizer = build_tokenizer(tokenizer)
-        self.vocab_size = padded_vocab_size(
-            self.tokenizer.vocab_size,
-            tokenizer.make_vocab_size_divisible_by,
-            parallel.tensor_model_parallel_size,
+        self.vocab_size = embedding_vocab_size(
+            tokenizer, self.tokenizer.vocab_size, parallel.tensor_model_parallel_size
         )
         config = transformer_config(model, parallel)
         self.module = build_gpt_model(model, config, self.vocab_size, pg_collection)

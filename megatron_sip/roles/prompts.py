@@ -163,6 +163,8 @@ def verdict_token_id(tokenizer, verdict: str) -> int:
     if verdict in vocab:
         return vocab[verdict]
     ids = tokenizer.tokenize(verdict)
+    if len(ids) == 2 and ids[0] == tokenizer.bos >= 0:  # a tokenizer that adds BOS to every text
+        ids = ids[1:]
     if len(ids) != 1:
         raise ValueError(
             f"verdict {verdict!r} is {len(ids)} tokens for this tokenizer; verdict strings must "

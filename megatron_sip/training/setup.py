@@ -12,7 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from megatron_sip.data.config import TokenizerConfig, padded_vocab_size
+from megatron_sip.data.config import TokenizerConfig, embedding_vocab_size
 from megatron_sip.errors import ConfigError
 from megatron_sip.initialize import DistributedContext, ParallelConfig
 from megatron_sip.log import print_rank_0
@@ -98,10 +98,8 @@ def setup_model_and_optimizer(
     :func:`megatron_sip.models.gpt.build_model`. Sets ``training.train_iters`` from
     --train-samples (as Megatron-LM's setup does)."""
     training.set_train_iters(context.data_parallel_size)
-    vocab_size = padded_vocab_size(
-        tokenizer_vocab_size,
-        tokenizer.make_vocab_size_divisible_by,
-        parallel.tensor_model_parallel_size,
+    vocab_size = embedding_vocab_size(
+        tokenizer, tokenizer_vocab_size, parallel.tensor_model_parallel_size
     )
     chunks, transformer_config = build_model(
         model,

@@ -100,6 +100,10 @@ run_step bench "$PYTHON" tools/bench/bench_dpo_logratio.py --device cuda || stat
 # (FP8 and TE attention without Transformer Engine, fusions without their kernels), then 4 steps.
 run_step megatron_lm "$PYTHON" tools/bench/megatron_lm_flags.py --output-dir "$LOG_DIR/megatron_lm" \
   --nproc 1 || status=1
+# Tiny Hugging Face models of each supported architecture, imported and compared with
+# transformers' logits on the GPU (Transformer Engine's layer spec where it is installed).
+run_step hf "$PYTHON" tools/bench/hf_import_check.py --device cuda --output-dir "$LOG_DIR/hf" \
+  || status=1
 
 echo
 echo "== bench: last JSON line"
