@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sip.arguments import flags_file_lines, validate_layout
 from megatron_sip.data.config import TokenizerConfig, embedding_vocab_size
 from megatron_sip.data.tokenizers import HuggingFaceTokenizer
 from megatron_sip.errors import ConfigError
@@ -231,8 +232,6 @@ def import_checkpoint(
         W.copy_tokenizer_files(hf_dir, partial / TOKENIZER_DIR)
     _barrier()
     model, tokenizer, hf_config = hf_model_settings(hf_dir, partial / TOKENIZER_DIR, seq_length)
-    from megatron_sip.arguments import validate_layout
-
     validate_layout(parallel, model, None, context.world_size)
     weights = W.HFWeights(hf_dir)
     baseline = peak_rss_bytes()
@@ -258,8 +257,6 @@ def import_checkpoint(
         extra_common={**model_metadata(model, tokenizer), HF_CONFIG_KEY: hf_config},
     )
     if _rank() == 0:
-        from megatron_sip.arguments import flags_file_lines
-
         header = f"# {output}: imported from {hf_dir.absolute()}"
         tokenizer_lines = flags_file_lines(tokenizer)
         model_lines = flags_file_lines(model) + tokenizer_lines
