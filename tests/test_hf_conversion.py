@@ -3,6 +3,7 @@ models of every supported architecture, built locally with transformers' config 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -239,6 +240,19 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
         "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-4", "--lr-warmup-iters",
         "0", "--lr-decay-style", "constant", "--eval-iters", "0", "--log-interval", "1",
     ]  # fmt: skip
+    # The SIP step runs on one rank beside the single-process steps below (two cores).
+    judge = imported / "qwen3_tp1_pp1"
+    background = concurrent.futures.ThreadPoolExecutor(1)
+    sip_run = background.submit(
+        run_module, 1, "megatron_sip.train_sip", *common, *data,
+        "--pretrained-checkpoint", str(imported / "llama_tp1_pp1"), "--seq-length", "96",
+        "--sip-suffix-len", "12", "--sip-num-rollouts", "2",
+        "--sip-objectives", "quality,safety,factuality",
+        "--judge-backend", "megatron", "--judge-load", str(judge),
+        "--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo),
+        "--save", str(tmp_path / "sip"),
+    )  # fmt: skip
+    background.shutdown(wait=False)
     trained = tmp_path / "trained"
     output = run_module(
         1, "megatron_sip.pretrain", *common, *data, "--pretrained-checkpoint", str(policy),
@@ -250,18 +264,17 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
     assert tokenizer.tokenizer_type == "HuggingFaceTokenizer"
     assert tokenizer.tokenizer_hf_include_special_tokens and tokenizer.model_vocab_size == VOCAB
 
-    judge = imported / "qwen3_tp1_pp1"
-    output = run_module(
-        1, "megatron_sip.train_sip", *common, *data,
-        "--pretrained-checkpoint", str(imported / "llama_tp1_pp1"), "--seq-length", "96",
-        "--sip-suffix-len", "12", "--sip-num-rollouts", "2",
-        "--sip-objectives", "quality,safety,factuality",
-        "--judge-backend", "megatron", "--judge-load", str(judge),
-        "--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo),
-        "--save", str(tmp_path / "sip"),
+    # Resuming the optimizer across a change of the vocabulary padding cannot work: refused.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
+    refused = subprocess.run(
+        [sys.executable, "-m", "megatron_sip.pretrain", f"@{policy / 'model.args'}", *common[3:],
+         *data, "--device", "cpu", "--seq-length", "64", "--make-vocab-size-divisible-by", "256",
+         "--load", str(trained)],
+        capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert "continual SIP from the weights of" in output and "iteration      1/1" in output
-    assert "update skipped" not in output, output[-3000:]
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "pads the vocabulary to 384 rows" in refused.stderr
+    assert "and this run to 512" in refused.stderr and "--no-load-optim" in refused.stderr
 
     # The evaluation and the judge server read the shape and tokenizer from the checkpoint too.
     continuations = tmp_path / "continuations.jsonl"
@@ -302,6 +315,9 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
     changed = _safetensors(exported)
     assert original.keys() == changed.keys()
     assert not torch.equal(original["model.norm.weight"], changed["model.norm.weight"])
+    output = sip_run.result()
+    assert "continual SIP from the weights of" in output and "iteration      1/1" in output
+    assert "update skipped" not in output, output[-3000:]
     # The SIP run's EMA reference, beside its policy in the same checkpoint.
     for weights in ("model", "reference"):
         target = tmp_path / f"sip_{weights}"
