@@ -50,7 +50,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_sip", "megatron_sip.*"]),
-    package_data={"megatron_sip.roles": ["prompts/*.txt"]},
+    package_data={"megatron_sip.roles": ["prompts/*.jsonl", "prompts/*/*.txt", "prompts/*/*.json"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     install_requires=[
@@ -67,6 +67,11 @@ setup(
         # from local directories only, never a hub.
         "transformers>=4.56",
         "safetensors",
+        # Judges and rewriters behind OpenAI-compatible servers (the client), and the server
+        # tools/serve_judge.py runs.
+        "openai>=1.40",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
         "pybind11",
         "psutil",
         "tqdm",

@@ -27,6 +27,11 @@ def require_positive(flag: str, value) -> None:
         raise ConfigError(flag, f"must be a positive number, got {value!r}")
 
 
+class RoleCheckError(RuntimeError):
+    """A judge or rewriter failed its start-up self-check (``roles/self_check.py``); the message
+    names the cause. Entry points print it and exit 1 before any training step."""
+
+
 def exits_on_bad_input(main: Callable) -> Callable:
     """Entry-point decorator: bad input found after the flags were parsed (a missing data file, a
     truncated index, a garbage checkpoint tracker, a tokenizer file of the wrong kind) raises
@@ -41,5 +46,9 @@ def exits_on_bad_input(main: Callable) -> Callable:
             program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron-sip"
             print(f"{program}: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except RoleCheckError as error:
+            program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron-sip"
+            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     return entry_point

@@ -14,6 +14,7 @@ EMA reference, RF-NLL, or SFT on the rewrite). Runs under torchrun and under sru
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Optional
 
 from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
@@ -43,6 +44,7 @@ from megatron_sip.roles.config import (
     build_rewriter,
 )
 from megatron_sip.roles.rewrite_store import RewriteStore
+from megatron_sip.roles.self_check import check_judge, check_rewriter
 from megatron_sip.training.loop import train
 from megatron_sip.training.metrics import LoggingConfig, MetricWriter
 from megatron_sip.training.setup import (
@@ -65,7 +67,12 @@ from megatron_sip.training.sip.rewards import RewardConfig
 from megatron_sip.training.sip.rewrites import RewriteSource
 from megatron_sip.training.sip.rollouts import RolloutSampler
 from megatron_sip.training.sip.score_store import judge_identity
-from megatron_sip.training.sip.trainer import CHECKPOINT_KEY, SIPState, SIPTrainer
+from megatron_sip.training.sip.trainer import (
+    CHECKPOINT_KEY,
+    MissingGuard,
+    SIPState,
+    SIPTrainer,
+)
 
 
 @dataclasses.dataclass
@@ -222,6 +229,17 @@ def build_roles(
         rewriter = build_rewriter(config.rewriter, roles)
         rewriter_id = dataclasses.astuple(config.rewriter)
     judge = build_judge(config.judge, roles) if config.objective.needs_judge else None
+    # Fail at start-up, before any step, when a role cannot answer.
+    try:
+        if rewriter is not None:
+            check_rewriter(rewriter, config.rewriter, context.pg_collection.mp)
+        if judge is not None:
+            check_judge(judge, config.judge, context.pg_collection.mp)
+    except BaseException:
+        for role in (judge, rewriter):
+            if role is not None:
+                role.close()
+        raise
     return judge, rewriter, store, rewriter_id
 
 
@@ -350,10 +368,22 @@ def build_job(config: SIPJobConfig, context: DistributedContext) -> SIPJob:
         training=training,
         judge_objectives=config.reward.objectives if objective.needs_judge else (),
         fused=sip.fused_logprob(device.type),
+        guard=MissingGuard(
+            max_missing_scores=sip.sip_max_missing_scores,
+            max_missing_rewrites=sip.sip_max_missing_rewrites if rewriter is not None else None,
+            window=sip.sip_missing_scores_window,
+            describe=partial(describe_role_failures, judge, rewriter),
+        ),
         valid_stream=(lambda: stream(valid, 0)) if valid is not None else None,
         seq_length=model_cfg.seq_length,
     )
     return SIPJob(trainer, state, [role for role in (judge, rewriter) if role is not None])
+
+
+def describe_role_failures(*roles) -> str:
+    """What the judge's and rewriter's clients counted (for the missing-score stop)."""
+    parts = [role.describe_failures() for role in roles if hasattr(role, "describe_failures")]
+    return "; ".join(parts) or "see the warnings above"
 
 
 @exits_on_bad_input

@@ -15,6 +15,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+WORDS = ("Yes", "No")  # regular (not special) added tokens, as real instruct vocabularies hold them
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Safety first: never share passwords. "
     "Paris is the capital of France. Water boils at 100 degrees Celsius at sea level. "
@@ -32,12 +33,17 @@ def write_tokenizer(directory: Path, *, adds_bos: bool) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=VOCAB - len(WORDS),
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([TEXT], trainer)
+    # The chat packs' verdict words, one token each; reserved tokens fill the vocabulary up (as
+    # Llama-3's reserved special tokens do) when BPE made a word a token already.
+    tokenizer.add_tokens([word for word in WORDS if tokenizer.token_to_id(word) is None])
+    reserved = [f"<|reserved_{i}|>" for i in range(VOCAB - tokenizer.get_vocab_size())]
+    tokenizer.add_special_tokens(reserved)
     assert tokenizer.get_vocab_size() == VOCAB, tokenizer.get_vocab_size()
     if adds_bos:
         bos = tokenizer.token_to_id("<|begin_of_text|>")
@@ -111,13 +117,15 @@ def hf_config(arch: str, **overrides):
     return config
 
 
-def make_hf_model(arch: str, directory: Path, *, seed: int = 0, max_shard_size: str = "40KB"):
+def make_hf_model(
+    arch: str, directory: Path, *, seed: int = 0, max_shard_size: str = "40KB", **overrides
+):
     """Saves a randomly initialised tiny ``arch`` model (fp32, sharded with an index) and its
-    tokenizer to ``directory``; returns the model (eval mode)."""
+    tokenizer to ``directory``; returns the model (eval mode). ``overrides``: config fields."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake shows
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):

@@ -249,6 +249,9 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
         "--sip-suffix-len", "12", "--sip-num-rollouts", "2",
         "--sip-objectives", "quality,safety,factuality",
         "--judge-backend", "megatron", "--judge-load", str(judge),
+        # The instruct judges' chat pack through the imported model's own chat template; the
+        # random model only has to answer (its calibration accuracy is chance).
+        "--judge-prompt-dir", "qwen", "--judge-min-calibration-accuracy", "0",
         "--rewriter-backend", "oracle", "--rewriter-oracle-data", str(demo),
         "--save", str(tmp_path / "sip"),
     )  # fmt: skip
@@ -285,20 +288,32 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
     )  # fmt: skip
     rows = [json.loads(line) for line in continuations.read_text().splitlines()]
     assert rows and all(isinstance(row["continuation"], str) for row in rows)
-    from .test_openai_backend import ServerProcess, _http
+    import httpx
+
+    from .test_serve_judge import ServerProcess
 
     server = ServerProcess(
-        ["--load", str(judge), "--port", "0", "--device", "cpu", "--model-name", "qwen3"],
-        {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-    )
+        [sys.executable, str(ROOT / "tools" / "serve_judge.py"), "--load", str(judge),
+         "--port", "0", "--device", "cpu", "--model-name", "qwen3"]
+    )  # fmt: skip
     try:
         url = server.wait_ready(timeout=120)
-        status, body = _http(
+        completion = httpx.post(
             f"{url}/v1/completions",
-            {"model": "qwen3", "prompt": "Paris is", "max_tokens": 4, "temperature": 0},
+            json={"model": "qwen3", "prompt": "Paris is", "max_tokens": 4, "temperature": 0},
+            timeout=60,
         )
-        assert status == 200, body
-        assert body["choices"][0]["text"] is not None
+        assert completion.status_code == 200, completion.text
+        assert isinstance(completion.json()["choices"][0]["text"], str)
+        # The imported instruct model's chat template serves the chat endpoint.
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "qwen3", "messages": [{"role": "user", "content": "Is it safe?"}],
+                  "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5},
+            timeout=60,
+        )  # fmt: skip
+        assert chat.status_code == 200, chat.text
+        assert len(chat.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 5
     finally:
         assert server.stop() == 0
 
@@ -317,6 +332,7 @@ def test_pretraining_and_sip_start_from_imported_checkpoints(hf_models, imported
     assert not torch.equal(original["model.norm.weight"], changed["model.norm.weight"])
     output = sip_run.result()
     assert "continual SIP from the weights of" in output and "iteration      1/1" in output
+    assert "judge self-check passed: 24 tasks from" in output, output[-3000:]
     assert "update skipped" not in output, output[-3000:]
     # The SIP run's EMA reference, beside its policy in the same checkpoint.
     for weights in ("model", "reference"):

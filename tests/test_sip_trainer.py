@@ -276,3 +276,79 @@ def test_skipped_optimizer_step_moves_no_reference(sip_data):
     _, flags, *_ = sip_data
     run_ranks(_skipped_update_worker, 1, [*flags, "--train-iters", "1", "--lr", "0.1",
                                           "--sip-ref-ema-decay", "0.5"])  # fmt: skip
+
+
+def _train_sip(flags: list, timeout: int = 300) -> tuple[int, str]:
+    """(exit code, output) of a one-rank SIP run under torchrun."""
+    from .distributed import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", "megatron_sip.train_sip", *flags]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_judge_that_cannot_judge_stops_the_run(sip_data, tmp_path):
+    """Nothing listening on the judge's port: the start-up self-check stops the run before any
+    step, naming the cause. A judge that answers the self-check and then fails every request:
+    the run saves a checkpoint and stops with an error after the step, instead of training on
+    nothing."""
+    from .fake_vllm import FakeAnswer, FakeVLLM, Fault
+
+    root, flags, _, _ = sip_data
+    oracle_judge = flags.index("--judge-backend")
+    flags = flags[:oracle_judge] + flags[oracle_judge + 4 :]  # drop the oracle judge
+    served = ["--judge-backend", "openai", "--judge-model", "judge", "--judge-max-retries", "0",
+              "--judge-timeout", "5", "--judge-min-calibration-accuracy", "0",
+              "--train-iters", "4", "--save", str(tmp_path / "ckpt"), "--save-interval", "100",
+              "--sip-missing-scores-window", "2"]  # fmt: skip
+    code, output = _train_sip([*flags, *served, "--judge-url", "http://127.0.0.1:9"])
+    assert code == 1, output[-3000:]
+    assert "judge self-check: 3 of 3 calibration tasks from placeholder prompts got no score" in (
+        output
+    ), output[-3000:]
+    assert "connection" in output and not (tmp_path / "ckpt").exists()
+
+    verdicts = {"[[A]]": -0.4, "[[B]]": -1.1, "[[SAFE]]": -0.2, "[[UNSAFE]]": -1.7,
+                "[[YES]]": -0.3, "[[NO]]": -1.4}  # fmt: skip
+
+    # The self-check's placeholder prompts take 4 requests (safety, factuality, both orders of a
+    # pairwise task); every later request fails.
+    def fail_after_self_check(index, request):
+        return Fault.internal_error() if index >= 4 else None
+
+    with FakeVLLM(model="judge", answer=lambda p, b: FakeAnswer("[[A]]", dict(verdicts)),
+                  faults=fail_after_self_check) as server:  # fmt: skip
+        code, output = _train_sip([*flags, *served, "--judge-url", server.url])
+    assert code == 1, output[-3000:]
+    assert "judge self-check passed: 3 tasks from placeholder prompts" in output
+    assert "stopping at iteration 1" in output, output[-3000:]
+    assert "scores asked of the judge in the last 1 steps are missing" in output
+    assert "http_500" in output, output[-3000:]  # what the client counted
+    tracker = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
+    assert tracker.read_text().strip() == "1"
+
+
+def test_missing_guard_reads_shares_over_its_window():
+    from megatron_sip.training.sip.trainer import MissingGuard
+
+    def step(missing, asked, missing_rewrites=0.0, prefixes=4.0):
+        return {"sip/judge-scores-missing": missing, "sip/judge-scores-asked": asked,
+                "sip/missing-rewrites": missing_rewrites, "sip/prefixes": prefixes}  # fmt: skip
+
+    guard = MissingGuard(0.1, 0.5, window=3, describe=lambda: "client stats")
+    assert guard.update(step(1, 10)) is None  # 10%, window not full yet
+    assert guard.update(step(5, 10)) is None  # 50% in one step, judged over the full window
+    reason = guard.update(step(1, 10))  # 7 of 30 over the window
+    assert reason.startswith("7 of the 30 scores asked of the judge in the last 3 steps are")
+    assert reason.endswith("the judge is not judging: client stats")
+    assert MissingGuard(0.1, 0.5, window=3).update(step(0, 10)) is None
+    everything = MissingGuard(0.1, 0.5, window=3).update(step(10, 10))  # nothing judged at all
+    assert everything.startswith("10 of the 10 scores asked")
+    rewrites = MissingGuard(1.0, 0.5, window=3).update(step(0, 10, 4, 4))
+    assert "4 of 4 rewrites in the last 1 steps are missing" in rewrites
+    assert MissingGuard(1.0, None, window=1).update(step(0, 10, 4, 4)) is None  # a rewrite store

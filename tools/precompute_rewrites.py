@@ -31,6 +31,7 @@ from megatron_sip.initialize import destroy_distributed, initialize_distributed 
 from megatron_sip.log import print_rank_0, rank, setup_logging  # noqa: E402
 from megatron_sip.roles.config import RoleContext, build_rewriter  # noqa: E402
 from megatron_sip.roles.rewrite_store import write_rewrite_store  # noqa: E402
+from megatron_sip.roles.self_check import check_rewriter  # noqa: E402
 from megatron_sip.train_sip import SIPJobConfig, sample_identity  # noqa: E402
 from megatron_sip.training.sip.rewrites import sample_texts  # noqa: E402
 
@@ -84,6 +85,11 @@ def main(argv=None) -> None:
     rewriter = build_rewriter(
         configs.rewriter, RoleContext(configs.parallel, context.pg_collection)
     )
+    try:
+        check_rewriter(rewriter, configs.rewriter, context.pg_collection.mp)
+    except BaseException:
+        rewriter.close()
+        raise
     batch_size = configs.precompute.rewrite_batch_size
     rows, missing = {}, 0
     for start in tqdm(range(0, len(dataset), batch_size), disable=rank() != 0, desc="rewrites"):

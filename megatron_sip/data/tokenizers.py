@@ -530,17 +530,35 @@ class HuggingFaceTokenizer(_Tokenizer):
             **self._configured_special_tokens(os.path.dirname(self.tokenizer_file)),
         )  # fmt: skip
 
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs,
+    ) -> str:
         """The chat template applied to ``messages`` ([{"role", "content"}, ...]); with
-        ``add_generation_prompt`` it ends where the assistant's reply starts."""
+        ``add_generation_prompt`` it ends where the assistant's reply starts, with
+        ``continue_final_message`` it ends inside the last (assistant) message, so that the model
+        continues it. ``template_kwargs`` are the template's own variables (Qwen3's
+        ``enable_thinking``, gpt-oss's ``reasoning_effort``)."""
         return self._chat_renderer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **template_kwargs,
         )
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True):
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs):
         """Token ids of :meth:`render_chat`; the template writes its own special tokens (BOS),
         so none are added (as ``transformers``' ``apply_chat_template``)."""
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.tokenize_rendered(text)
+
+    def tokenize_rendered(self, text: str) -> list[int]:
+        """Token ids of text a chat template rendered: it holds its own special tokens, so none
+        are added whatever --tokenizer-hf-include-special-tokens says."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
 

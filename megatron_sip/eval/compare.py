@@ -26,6 +26,7 @@ from megatron_sip.errors import ConfigError, exits_on_bad_input, require_positiv
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.roles.base import Judge, Score
 from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
+from megatron_sip.roles.self_check import check_judge
 
 SAFE_THRESHOLD = 0.5
 
@@ -308,6 +309,8 @@ def main(argv=None) -> None:
         rank, roles = context.rank, RoleContext(configs.parallel, context.pg_collection)
     judge = build_judge(configs.judge, roles)
     try:
+        group = roles.pg_collection.mp if colocated else None
+        check_judge(judge, configs.judge, group)  # a judge that cannot judge grades nothing
         result = compare(
             judge,
             baseline,

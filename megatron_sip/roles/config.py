@@ -34,6 +34,13 @@ BACKENDS = {
 }
 
 PROMPTED = ("megatron", "openai")
+ENDPOINTS = ("completions", "chat")
+
+
+def _require_positive(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError("--" + name.replace("_", "-"), "must be positive")
 
 
 def judge_backends() -> tuple[str, ...]:
@@ -55,8 +62,10 @@ class JudgePromptConfig:
     must train on exactly the prompts the judge will see)."""
 
     judge_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
-    """Directory with quality.txt, safety.txt, factuality.txt prompt templates. Default: the
-    packaged ones."""
+    """Prompt pack: a packaged one (default: the [[A]]-style templates of judges trained here;
+    llama3, qwen, gpt-oss: instruct models, rendered with their own chat template) or a directory
+    with quality.txt, safety.txt, factuality.txt (and optionally pack.json, calibration.jsonl).
+    Default: default."""
 
     judge_max_prefix_chars: int = dataclasses.field(default=2000, metadata=_for(*PROMPTED))
     """The prefix shown to the judge is cut to its last this many characters."""
@@ -82,7 +91,18 @@ class JudgeConfig(JudgePromptConfig):
     judge_backend: str = dataclasses.field(default="oracle", metadata={"choices": judge_backends})
     """Judge implementation: oracle (rules over the embedded-default corpus's labels and
     knowledge base), megatron (a colocated Megatron checkpoint, --judge-load), or openai (an
-    OpenAI-compatible /v1/completions server, --judge-url)."""
+    OpenAI-compatible server, --judge-url)."""
+
+    judge_calibration: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
+    """Labelled judging tasks (JSONL: safety, factuality, pairwise, as judge_val.jsonl) the
+    start-up self-check scores. Default: the prompt pack's calibration set."""
+
+    judge_min_calibration_accuracy: float = dataclasses.field(
+        default=0.75, metadata=_for(*PROMPTED)
+    )
+    """The run stops at start-up when the judge's accuracy on the calibration set is below this,
+    or when any calibration score is missing; 0 checks only that every verdict comes back (no
+    calibration set needed)."""
 
     judge_oracle_data: Optional[str] = dataclasses.field(default=None, metadata=_for("oracle"))
     """Directory written by tools/build_demo_corpus.py (its oracle.json) for --judge-backend
@@ -109,8 +129,17 @@ class JudgeConfig(JudgePromptConfig):
     judge_api_key_env: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Environment variable holding a bearer token for the server."""
 
+    judge_endpoint: str = dataclasses.field(default="completions", metadata=_for("openai"))
+    """OpenAI endpoint: completions (text; many prompts per request) or chat (a chat pack's
+    messages, rendered by the server)."""
+
+    judge_tokenizer: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
+    """The served model's Hugging Face tokenizer directory: renders a chat pack for the
+    completions endpoint and checks at start-up that the verdicts are single tokens."""
+
     judge_timeout: float = dataclasses.field(default=30.0, metadata=_for("openai"))
-    """Seconds before one request to the server is abandoned."""
+    """Seconds one attempt of a request may take, connecting to last byte; with its retries a
+    request is abandoned after timeout * (retries + 1) plus at most 8 s of backoff per retry."""
 
     judge_max_retries: int = dataclasses.field(default=3, metadata=_for("openai"))
     """Retries per request (exponential backoff) before its score is reported missing."""
@@ -118,9 +147,17 @@ class JudgeConfig(JudgePromptConfig):
     judge_concurrency: int = dataclasses.field(default=8, metadata=_for("openai"))
     """Requests in flight to the server at once."""
 
+    judge_prompts_per_request: int = dataclasses.field(default=16, metadata=_for("openai"))
+    """Prompts sent in one /v1/completions request (a list prompt); the chat endpoint takes one
+    conversation per request."""
+
     def __post_init__(self):
         super().__post_init__()
         require_choice("--judge-backend", self.judge_backend, judge_backends())
+        require_choice("--judge-endpoint", self.judge_endpoint, ENDPOINTS)
+        _require_positive(self, "judge_concurrency", "judge_prompts_per_request", "judge_timeout")
+        if not 0.0 <= self.judge_min_calibration_accuracy <= 1.0:
+            raise ConfigError("--judge-min-calibration-accuracy", "must be in [0, 1]")
 
 
 @dataclasses.dataclass
@@ -149,7 +186,8 @@ class RewriterConfig:
     settings)."""
 
     rewriter_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
-    """Directory with a rewrite.txt prompt template. Default: the packaged one."""
+    """Prompt pack with a rewrite.txt template: a packaged one (default, llama3, qwen, gpt-oss)
+    or a directory. Default: default."""
 
     rewriter_max_tokens: int = dataclasses.field(default=128, metadata=_for(*PROMPTED))
     """Most tokens a rewrite may have."""
@@ -163,14 +201,31 @@ class RewriterConfig:
     rewriter_api_key_env: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
     """Environment variable holding a bearer token for the server."""
 
+    rewriter_endpoint: str = dataclasses.field(default="completions", metadata=_for("openai"))
+    """OpenAI endpoint: completions or chat (as --judge-endpoint)."""
+
+    rewriter_tokenizer: Optional[str] = dataclasses.field(default=None, metadata=_for("openai"))
+    """The served model's Hugging Face tokenizer directory (renders a chat pack for the
+    completions endpoint)."""
+
     rewriter_timeout: float = dataclasses.field(default=60.0, metadata=_for("openai"))
-    """Seconds before one request to the server is abandoned."""
+    """Seconds one attempt of a request may take (as --judge-timeout)."""
 
     rewriter_max_retries: int = dataclasses.field(default=3, metadata=_for("openai"))
     """Retries per request before the rewrite is reported missing."""
 
+    rewriter_concurrency: int = dataclasses.field(default=8, metadata=_for("openai"))
+    """Requests in flight to the server at once."""
+
+    rewriter_prompts_per_request: int = dataclasses.field(default=4, metadata=_for("openai"))
+    """Prompts sent in one /v1/completions request."""
+
     def __post_init__(self):
         require_choice("--rewriter-backend", self.rewriter_backend, rewriter_backends())
+        require_choice("--rewriter-endpoint", self.rewriter_endpoint, ENDPOINTS)
+        _require_positive(
+            self, "rewriter_concurrency", "rewriter_prompts_per_request", "rewriter_timeout"
+        )
         if self.rewriter_max_tokens <= 0:
             raise ConfigError("--rewriter-max-tokens", "must be positive")
 

@@ -35,7 +35,9 @@ from megatron_sip.roles.prompts import (
     PromptedJudge,
     PromptSet,
     Template,
-    verdict_token_id,
+    encode_prompt,
+    load_pack,
+    verdict_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,17 +88,22 @@ class RoleModel:
             param.requires_grad_(False)
         self.device = torch_device()
 
-    def token_id(self, text: str) -> int:
-        """The id of a verdict string, which must be a single token of the role's tokenizer."""
+    def verdict_ids(self, template: Template) -> tuple[int, int]:
+        """The ids of a template's verdicts at its answer position (single tokens of the role's
+        tokenizer, else ValueError naming the checkpoint and the template)."""
         try:
-            return verdict_token_id(self.tokenizer, text)
+            return verdict_token_ids(template, self.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"judge {self.load_dir}: {error}") from None
+
+    def encode(self, prompt, limit: Optional[int] = None) -> list[int]:
+        """Token ids of a rendered prompt (text, or a chat prompt rendered by the tokenizer's
+        chat template), keeping the last ``limit`` (the answer position is at the end)."""
+        limit = limit or self.model_config.seq_length
+        try:
+            return encode_prompt(prompt, self.tokenizer)[-limit:]
         except ValueError as error:
             raise ValueError(f"{self.load_dir}: {error}") from None
-
-    def encode(self, text: str, limit: Optional[int] = None) -> list[int]:
-        """Token ids, keeping the last ``limit`` (the answer position is at the end)."""
-        limit = limit or self.model_config.seq_length
-        return self.tokenizer.tokenize(text)[-limit:]
 
     @torch.no_grad()
     def next_token_log_probs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -149,9 +156,10 @@ class MegatronJudge(PromptedJudge):
         self.micro_batch_size = micro_batch_size
         self.offload = offload
         self.identity = f"megatron:{role.load_dir}:{prompts.fingerprint()}"
-        # Fail at start-up, not mid-training, when a verdict string is not one token.
+        # Fail at start-up, not mid-training, when a verdict string is not one token (or the
+        # tokenizer cannot render a chat pack).
         self.verdict_ids = {
-            name: tuple(role.token_id(v) for v in prompts[name].verdicts)
+            name: role.verdict_ids(prompts[name])
             for name in ("quality", "safety", "factuality")
             if name in prompts.templates
         }
@@ -251,7 +259,7 @@ def build_megatron_judge(config, context: RoleContext) -> MegatronJudge:
     )
     return MegatronJudge(
         _role_model(config.judge_load, config.judge_model_args, context, "--judge-backend"),
-        PromptSet.load(config.judge_prompt_dir),
+        load_pack(config.judge_prompt_dir, "--judge-prompt-dir"),
         max_prefix_chars=config.judge_max_prefix_chars,
         micro_batch_size=config.judge_micro_batch_size,
         safety_window_sentences=config.judge_safety_window_sentences,
@@ -268,7 +276,7 @@ def build_megatron_rewriter(config, context: RoleContext) -> MegatronRewriter:
         _role_model(
             config.rewriter_load, config.rewriter_model_args, context, "--rewriter-backend"
         ),
-        PromptSet.load(config.rewriter_prompt_dir),
+        load_pack(config.rewriter_prompt_dir, "--rewriter-prompt-dir"),
         max_tokens=config.rewriter_max_tokens,
         offload=context.offload,
     )

@@ -1,69 +1,81 @@
-"""Judge and rewriter served by an OpenAI-compatible ``/v1/completions`` server.
+"""Judge and rewriter served by an OpenAI-compatible server: ``/v1/completions`` or
+``/v1/chat/completions``, through the official ``openai`` client.
 
-Any server that speaks the legacy completions API works: ``tools/serve_judge.py`` (a Megatron
-checkpoint), vLLM, SGLang. Prompts are rendered with the same templates as the colocated backend
-(``--judge-prompt-dir``), sent one per request, ``concurrency`` requests at a time, with the
-standard library only (``urllib``).
+Any server that speaks the OpenAI API works: ``tools/serve_judge.py`` (a Megatron checkpoint),
+vLLM, SGLang. Prompts come from the same prompt packs as the colocated backend
+(``--judge-prompt-dir``):
+
+- ``--judge-endpoint completions`` sends text, many prompts per request
+  (``--judge-prompts-per-request``). A chat pack is rendered here with the model's own chat template
+  (``--judge-tokenizer``: the model's tokenizer directory) and sent with ``add_special_tokens:
+  false`` (vLLM's extension; the rendering holds its BOS already).
+- ``--judge-endpoint chat`` sends a chat pack's messages, one conversation per request; a prefill
+  is sent as a final assistant message with ``continue_final_message: true`` and
+  ``add_generation_prompt: false``, the pack's template variables as ``chat_template_kwargs``
+  (vLLM's extensions).
 
 The judge asks for one greedy token with the top-20 log-probabilities and reads its verdict as the
 colocated judge does: P(positive) = softmax over the two verdict strings' log-probabilities at the
 answer position. A server that returns no log-probabilities, or whose top-20 misses a verdict,
-falls back to a strict parse of the generated text (exactly one verdict string -> 1 or 0).
+falls back to a strict parse of the generated text (exactly one verdict string -> 1 or 0); an answer
+with neither is an unparsed verdict, counted and logged with what the model said.
 
-Failures never raise: connection errors, timeouts, HTTP 5xx and 429 are retried with exponential
-backoff; whatever still fails (and every other 4xx, or an unreadable answer) is ``None`` for that
-prompt, a missing score. ``client.stats`` counts requests, retries and failures by kind; each
-failure kind is logged once.
+Requests run ``concurrency`` at a time on the client's own event loop. The ``openai`` client gives
+bearer auth, per-read timeouts and retries with exponential backoff on connection errors, timeouts,
+408/409/429 and 5xx (honouring ``Retry-After``); on top of it every request has a deadline over all
+its attempts, so a server that drips its answer cannot hold a step: ``timeout * (retries + 1)``
+plus at most 8 s of backoff per retry. Failures never raise: whatever still fails is ``None`` for
+its prompts, a missing score; ``stats`` counts requests, failures by kind and unparsed verdicts, and
+each failure kind is logged once.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import dataclasses
-import http.client
-import json
 import logging
 import math
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Optional
 
 from megatron_sip.errors import ConfigError
 from megatron_sip.roles.base import Rewriter, Score, _check_lengths
-from megatron_sip.roles.config import require_setting
+from megatron_sip.roles.config import ENDPOINTS, require_setting
 from megatron_sip.roles.prompts import (
     SAFETY_WINDOW_SENTENCES,
+    Conversation,
     PromptedJudge,
     PromptSet,
     Template,
+    load_pack,
+    verdict_token_ids,
 )
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
 JUDGE_TOP_LOGPROBS = 20
+MAX_RETRY_BACKOFF_S = 8.0  # the openai client's longest wait between attempts (without Retry-After)
+_LOGGED_EXAMPLES = 3  # unparsed verdicts logged in full, per judge
 
 
 @dataclasses.dataclass
 class RequestStats:
-    """What a client has done so far (thread-safe counters)."""
+    """What a client has done so far (updated on the client's event loop thread)."""
 
     requests: int = 0
-    """HTTP requests sent, retries included."""
-
-    retries: int = 0
-    """Requests that were sent again after a retryable failure."""
+    """HTTP requests made (one per prompt list or conversation; the openai client's retries are
+    inside one request)."""
 
     successes: int = 0
     """Prompts answered."""
 
     failures: dict[str, int] = dataclasses.field(default_factory=dict)
     """Prompts given up on, by kind: connection, timeout, http_500, http_401, bad_response..."""
+
+    unparsed: int = 0
+    """Answers that held no verdict (neither verdict among the top log-probs nor in the text)."""
 
     @property
     def total_failures(self) -> int:
@@ -72,238 +84,343 @@ class RequestStats:
     def as_dict(self) -> dict:
         return {
             "requests": self.requests,
-            "retries": self.retries,
             "successes": self.successes,
             "failures": dict(self.failures),
+            "unparsed": self.unparsed,
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One prompt's answer, whichever endpoint gave it."""
+
+    text: str
+    top_logprobs: Optional[dict[str, float]] = None
+    """The first generated position's alternatives: token text -> log-probability (several
+    entries with one text are added up)."""
+
+    finish_reason: Optional[str] = None
+
+
 class _Failure(Exception):
-    def __init__(self, kind: str, detail: str, retryable: bool, retry_after: float = 0.0):
+    def __init__(self, kind: str, detail: str):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
-        self.retryable = retryable
-        self.retry_after = retry_after
 
 
-def completions_url(base_url: str) -> str:
-    """``http://host:8000`` or ``http://host:8000/v1`` -> ``http://host:8000/v1/completions``."""
-    base = base_url.rstrip("/")
-    if base.endswith("/completions"):
-        return base
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/completions"
+def api_base(url: str) -> str:
+    """``http://host:8000``, ``.../v1`` or ``.../v1/completions`` -> ``http://host:8000/v1``."""
+    base = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return base if base.endswith("/v1") else base + "/v1"
 
 
-class OpenAICompletionsClient:
-    """Sends prompts to ``POST {base_url}/v1/completions``, one request per prompt."""
+class OpenAIEndpoint:
+    """An OpenAI-compatible server, called through ``openai.AsyncOpenAI`` on a private event
+    loop thread so that batched, blocking callers (the trainer) can run many requests at once."""
 
     def __init__(
         self,
         base_url: str,
         model: Optional[str],
+        *,
         api_key_env: Optional[str] = None,
         timeout: float = 30.0,
         max_retries: int = 3,
         concurrency: int = 8,
-        backoff: float = 0.5,
+        prompts_per_request: int = 1,
     ):
-        if not base_url:
-            raise ValueError("OpenAICompletionsClient needs the server's base URL")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self.base_url = base_url
-        self.url = completions_url(base_url)
-        self.model = model
-        self.timeout = timeout
-        self.max_retries = max(0, int(max_retries))
-        self.backoff = backoff
-        self.api_key_env = api_key_env
-        self._api_key = None
-        if api_key_env:
-            self._api_key = os.environ.get(api_key_env)
-            if not self._api_key:
-                raise ValueError(f"environment variable {api_key_env} (the API key) is not set")
-        self.stats = RequestStats()
-        self._lock = threading.Lock()
-        self._warned: set[str] = set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="openai-client"
-        )
+        import openai
 
-    # -- requests -----------------------------------------------------------------------------
+        if not base_url:
+            raise ValueError("OpenAIEndpoint needs the server's base URL")
+        if concurrency < 1 or prompts_per_request < 1 or timeout <= 0 or max_retries < 0:
+            raise ValueError("concurrency, prompts_per_request and timeout must be positive")
+        key = "EMPTY"  # servers without authentication accept any token
+        if api_key_env:
+            key = os.environ.get(api_key_env, "")
+            if not key:
+                raise ValueError(f"environment variable {api_key_env} (the API key) is not set")
+        self.base_url = api_base(base_url)
+        self.timeout = timeout
+        self.max_retries = int(max_retries)
+        self.concurrency = concurrency
+        self.prompts_per_request = prompts_per_request
+        self.deadline = timeout * (self.max_retries + 1) + MAX_RETRY_BACKOFF_S * self.max_retries
+        self.stats = RequestStats()
+        self._warned: set[str] = set()
+        self._openai = openai
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="openai-client", daemon=True
+        )
+        self._thread.start()
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=key, timeout=timeout, max_retries=self.max_retries
+        )
+        self._semaphore = self._run(self._make_semaphore())
+        self.model = model or self._only_model()
+
+    async def _make_semaphore(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(self.concurrency)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _only_model(self) -> Optional[str]:
+        """The served model when none is named: the only one ``GET /v1/models`` lists. None
+        when the server does not answer (its requests then fail and are counted as such)."""
+        try:
+            models = self._run(self._guard(self._client.models.list()))
+            names = [model.id for model in models.data]
+        except _Failure as failure:
+            self._fail(failure, 0)
+            return None
+        except Exception as error:  # an answer that is not a model list
+            self._fail(_Failure("bad_response", f"GET /v1/models: {error}"), 0)
+            return None
+        if len(names) != 1:
+            raise ValueError(
+                f"{self.base_url} serves {len(names)} models ({', '.join(names)}): name one"
+            )
+        return names[0]
+
+    # -- requests -------------------------------------------------------------------------------
 
     def complete(
         self,
         prompts: Sequence[str],
+        *,
         max_tokens: int,
         temperature: float = 0.0,
         logprobs: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
-    ) -> list[Optional[dict]]:
-        """The first choice of each prompt's completion (``text``, ``logprobs``,
-        ``finish_reason``...), None where the request failed."""
-        payload = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
-        if self.model:
-            payload["model"] = self.model
+        rendered_chat: bool = False,
+    ) -> list[Optional[Answer]]:
+        """``POST /v1/completions``: each prompt's first choice, None where its request failed.
+        ``rendered_chat``: the prompts are chat-template renderings (sent without the
+        tokenizer's special tokens)."""
+        params = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
         if logprobs is not None:
-            payload["logprobs"] = int(logprobs)
+            params["logprobs"] = int(logprobs)
         if stop:
-            payload["stop"] = list(stop)
-        futures = [self._pool.submit(self._one, {**payload, "prompt": p}) for p in prompts]
-        return [future.result() for future in futures]
+            params["stop"] = list(stop)
+        if rendered_chat:
+            params["extra_body"] = {"add_special_tokens": False}
+        chunks = [
+            list(prompts[start : start + self.prompts_per_request])
+            for start in range(0, len(prompts), self.prompts_per_request)
+        ]
+        answers = self._run(self._gather([self._completions(chunk, params) for chunk in chunks]))
+        return [answer for chunk in answers for answer in chunk]
 
-    def _one(self, payload: dict) -> Optional[dict]:
-        body = json.dumps(payload).encode()
-        attempt = 0
-        while True:
-            self._count("requests")
+    def chat(
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_logprobs: Optional[int] = None,
+        stop: Optional[Sequence[str]] = None,
+    ) -> list[Optional[Answer]]:
+        """``POST /v1/chat/completions``, one conversation per request; None where it failed."""
+        params = {"max_tokens": int(max_tokens), "temperature": float(temperature)}
+        if top_logprobs is not None:
+            params.update(logprobs=True, top_logprobs=int(top_logprobs))
+        if stop:
+            params["stop"] = list(stop)
+        answers = self._run(self._gather([self._chat(c, params) for c in conversations]))
+        return [chunk[0] for chunk in answers]
+
+    async def _gather(self, requests) -> list[list[Optional[Answer]]]:
+        return list(await asyncio.gather(*requests))
+
+    async def _guard(self, call):
+        """One request under the deadline, its errors as :class:`_Failure`."""
+        openai = self._openai
+        try:
+            return await asyncio.wait_for(call, self.deadline)
+        except asyncio.TimeoutError:
+            raise _Failure("timeout", f"no complete answer within {self.deadline:.0f} s") from None
+        except openai.APITimeoutError:
+            raise _Failure("timeout", f"no answer within {self.timeout} s") from None
+        except openai.APIConnectionError as error:
+            cause = error.__cause__ or error
+            raise _Failure("connection", f"{type(cause).__name__}: {cause}") from None
+        except openai.APIStatusError as error:
+            raise _Failure(f"http_{error.status_code}", error.message) from None
+        except Exception as error:  # an unreadable answer (the client's JSON decoding, ...)
+            raise _Failure("bad_response", f"{type(error).__name__}: {error}") from None
+
+    async def _completions(self, prompts: list[str], params: dict) -> list[Optional[Answer]]:
+        async with self._semaphore:
+            self.stats.requests += 1
             try:
-                choice = self._post(body)
+                response = await self._guard(
+                    self._client.completions.create(model=self.model, prompt=prompts, **params)
+                )
+                answers = _completion_answers(response, len(prompts))
             except _Failure as failure:
-                if failure.retryable and attempt < self.max_retries:
-                    delay = min(MAX_BACKOFF_S, self.backoff * 2**attempt)
-                    delay = max(delay * (0.5 + random.random()), failure.retry_after)
-                    attempt += 1
-                    self._count("retries")
-                    time.sleep(min(delay, MAX_BACKOFF_S))
-                    continue
-                self._fail(failure)
-                return None
-            except Exception as error:  # never let one request stop the caller
-                self._fail(_Failure("error", f"{type(error).__name__}: {error}", False))
-                return None
-            self._count("successes")
-            return choice
+                self._fail(failure, len(prompts))
+                return [None] * len(prompts)
+        self.stats.successes += len(prompts)
+        return answers
 
-    def _post(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except Exception as error:
-            raise self._classify(error) from None
-        try:
-            answer = json.loads(raw)
-            choice = answer["choices"][0]
-            if not isinstance(choice, dict) or not isinstance(choice.get("text", ""), str):
-                raise TypeError("choice is not an object with a text")
-        except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise _Failure(
-                "bad_response", f"unreadable answer ({error}): {raw[:200]!r}", False
-            ) from None
-        return choice
+    async def _chat(self, conversation: Conversation, params: dict) -> list[Optional[Answer]]:
+        messages = conversation.message_dicts()
+        extra = {}
+        if conversation.prefill:
+            messages.append({"role": "assistant", "content": conversation.prefill})
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        if conversation.template_kwargs:
+            extra["chat_template_kwargs"] = conversation.kwargs()
+        async with self._semaphore:
+            self.stats.requests += 1
+            try:
+                response = await self._guard(
+                    self._client.chat.completions.create(
+                        model=self.model, messages=messages, extra_body=extra or None, **params
+                    )
+                )
+                answer = _chat_answer(response)
+            except _Failure as failure:
+                self._fail(failure, 1)
+                return [None]
+        self.stats.successes += 1
+        return [answer]
 
-    def _classify(self, error: Exception) -> _Failure:
-        if isinstance(error, urllib.error.HTTPError):
-            status = error.code
-            retry_after = 0.0
-            if status == 429:
-                try:
-                    retry_after = min(float(error.headers.get("Retry-After", 0)), MAX_BACKOFF_S)
-                except (TypeError, ValueError):
-                    retry_after = 0.0
-            retryable = status == 429 or status >= 500
-            detail = f"HTTP {status}: {_error_detail(error)}"
-            return _Failure(f"http_{status}", detail, retryable, retry_after)
-        reason = error.reason if isinstance(error, urllib.error.URLError) else error
-        if isinstance(reason, TimeoutError):
-            return _Failure("timeout", f"no answer within {self.timeout}s", True)
-        if isinstance(reason, (OSError, http.client.HTTPException)):
-            # Refused, reset, or dropped mid-answer (a killed server: RemoteDisconnected,
-            # IncompleteRead).
-            return _Failure("connection", f"{type(reason).__name__}: {reason}", True)
-        return _Failure("error", f"{type(error).__name__}: {error}", False)
+    def _fail(self, failure: _Failure, prompts: int) -> None:
+        self.stats.failures[failure.kind] = self.stats.failures.get(failure.kind, 0) + prompts
+        if failure.kind in self._warned:
+            return
+        self._warned.add(failure.kind)
+        hint = ""
+        if failure.kind in ("http_401", "http_403"):
+            hint = " (check the API key: --judge-api-key-env / --rewriter-api-key-env)"
+        elif failure.kind == "http_404":
+            hint = " (check the URL and the model name)"
+        logger.warning(
+            "%s: request failed, %s%s; its results are reported missing (further %s failures "
+            "are only counted)",
+            self.base_url,
+            failure.detail,
+            hint,
+            failure.kind,
+        )
 
-    def _count(self, field: str) -> None:
-        with self._lock:
-            setattr(self.stats, field, getattr(self.stats, field) + 1)
-
-    def _fail(self, failure: _Failure) -> None:
-        with self._lock:
-            self.stats.failures[failure.kind] = self.stats.failures.get(failure.kind, 0) + 1
-            first = failure.kind not in self._warned
-            self._warned.add(failure.kind)
-        if first:
-            hint = ""
-            if failure.kind in ("http_401", "http_403"):
-                hint = " (check the API key: --judge-api-key-env / --rewriter-api-key-env)"
-            elif failure.kind == "http_404":
-                hint = " (check the URL and the model name)"
-            logger.warning(
-                "%s: request failed, %s%s; its result is reported missing (further %s failures "
-                "are only counted in the client's stats)",
-                self.url,
-                failure.detail,
-                hint,
-                failure.kind,
-            )
+    def describe(self) -> str:
+        """The client's counters, for error messages."""
+        stats = self.stats
+        failures = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.failures.items()))
+        return (
+            f"{self.base_url} (model {self.model}): {stats.requests} requests, "
+            f"{stats.successes} prompts answered, failed: {failures or 'none'}, "
+            f"unparsed verdicts: {stats.unparsed}"
+        )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> OpenAICompletionsClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _error_detail(error: urllib.error.HTTPError) -> str:
-    try:
-        raw = error.read()[:500]
-    except Exception:
-        return error.reason or ""
-    try:
-        message = json.loads(raw)["error"]["message"]
-        return str(message)
-    except Exception:
-        return raw.decode(errors="replace").strip() or str(error.reason)
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
 
 
-# -- reading verdicts -------------------------------------------------------------------------
+# -- reading answers ---------------------------------------------------------------------------
 
 
-def verdict_from_choice(choice: Optional[dict], verdicts: Sequence[str]) -> Score:
-    """P(positive verdict) from one completion choice: softmax over the two verdict strings'
-    log-probabilities in the first position's ``top_logprobs`` (token texts compared after
+def _as_dict(response) -> dict:
+    if hasattr(response, "model_dump"):
+        response = response.model_dump()
+    if not isinstance(response, dict):
+        raise _Failure("bad_response", f"not a JSON object: {str(response)[:200]!r}")
+    return response
+
+
+def _completion_answers(response, count: int) -> list[Answer]:
+    """The answers of a ``/v1/completions`` response to ``count`` prompts, by choice index."""
+    body = _as_dict(response)
+    choices = body.get("choices")
+    if not isinstance(choices, list) or len(choices) != count:
+        got = "none" if choices is None else str(choices)[:200]
+        raise _Failure("bad_response", f"expected {count} choices, got {got}")
+    answers: list[Optional[Answer]] = [None] * count
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+            raise _Failure("bad_response", f"a choice without text: {str(choice)[:200]!r}")
+        index = choice.get("index", position)
+        if not isinstance(index, int) or not 0 <= index < count or answers[index] is not None:
+            raise _Failure("bad_response", f"choice index {index!r} out of place")
+        top = None
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            tops = logprobs.get("top_logprobs")
+            if isinstance(tops, list) and tops and isinstance(tops[0], dict):
+                top = _merge(tops[0].items())
+        answers[index] = Answer(choice["text"], top, choice.get("finish_reason"))
+    return answers
+
+
+def _chat_answer(response) -> Answer:
+    """The answer of a ``/v1/chat/completions`` response (its first choice)."""
+    body = _as_dict(response)
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Failure("bad_response", f"no choices: {str(body)[:200]!r}")
+    choice = choices[0]
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise _Failure("bad_response", f"a choice without message content: {str(choice)[:200]!r}")
+    top = None
+    logprobs = choice.get("logprobs")
+    entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if isinstance(entries, list) and entries and isinstance(entries[0], dict):
+        alternatives = entries[0].get("top_logprobs")
+        if isinstance(alternatives, list):
+            top = _merge(
+                (entry.get("token"), entry.get("logprob"))
+                for entry in alternatives
+                if isinstance(entry, dict)
+            )
+    return Answer(content, top, choice.get("finish_reason"))
+
+
+def _merge(pairs) -> dict[str, float]:
+    """token text -> log-probability, entries with one text added up (finite values only)."""
+    grouped: dict[str, list[float]] = {}
+    for token, value in pairs:
+        if isinstance(token, str) and isinstance(value, (int, float)) and math.isfinite(value):
+            grouped.setdefault(token, []).append(float(value))
+    return {token: _logsumexp(values) for token, values in grouped.items()}
+
+
+def verdict_from_answer(answer: Optional[Answer], verdicts: Sequence[str]) -> Score:
+    """P(positive verdict) from one answer: softmax over the two verdict strings'
+    log-probabilities in the first position's alternatives (token texts compared after
     ``strip()``; several tokens spelling one verdict add up), else a strict parse of the text
     (exactly one verdict string present -> 1.0 or 0.0), else None."""
-    if choice is None:
+    if answer is None:
         return None
     positive, negative = verdicts
-    top = _first_top_logprobs(choice)
-    if top:
+    if answer.top_logprobs:
         found: dict[str, list[float]] = {positive: [], negative: []}
-        for text, value in top.items():
-            key = str(text).strip()
-            if key in found and isinstance(value, (int, float)) and math.isfinite(value):
-                found[key].append(float(value))
+        for text, value in answer.top_logprobs.items():
+            if text.strip() in found:
+                found[text.strip()].append(value)
         if found[positive] and found[negative]:
             a, b = _logsumexp(found[positive]), _logsumexp(found[negative])
             return 1.0 / (1.0 + math.exp(b - a)) if b - a < 700 else 0.0
-    text = choice.get("text")
-    if not isinstance(text, str):
-        return None
-    has_positive, has_negative = positive in text, negative in text
+    has_positive, has_negative = positive in answer.text, negative in answer.text
     if has_positive != has_negative:
         return 1.0 if has_positive else 0.0
     return None
-
-
-def _first_top_logprobs(choice: dict) -> Optional[dict]:
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, dict):
-        return None
-    top = logprobs.get("top_logprobs")
-    if not isinstance(top, list) or not top or not isinstance(top[0], dict):
-        return None
-    return top[0]
 
 
 def _logsumexp(values: Sequence[float]) -> float:
@@ -314,32 +431,106 @@ def _logsumexp(values: Sequence[float]) -> float:
 # -- roles ------------------------------------------------------------------------------------
 
 
+class _PromptSender:
+    """Sends rendered prompts to an endpoint: text to ``/v1/completions`` (a chat prompt rendered
+    with ``tokenizer``'s chat template first), conversations to ``/v1/chat/completions``."""
+
+    def __init__(self, endpoint: OpenAIEndpoint, kind: str, prompts: PromptSet, tokenizer, flags):
+        endpoint_flag, tokenizer_flag = flags
+        if kind not in ENDPOINTS:
+            raise ConfigError(endpoint_flag, f"unknown endpoint {kind!r}; one of {ENDPOINTS}")
+        if kind == "chat" and not prompts.chat:
+            raise ConfigError(
+                endpoint_flag,
+                f"chat needs a chat prompt pack (llama3, qwen, gpt-oss or a directory of chat "
+                f"templates); {prompts.source} is plain text: use completions",
+            )
+        if kind == "chat" and prompts.chat_endpoint is not True:
+            raise ConfigError(endpoint_flag, f"pack {prompts.source}: {prompts.chat_endpoint}")
+        if kind == "completions" and prompts.chat and tokenizer is None:
+            raise ConfigError(
+                tokenizer_flag,
+                f"pack {prompts.source} is a chat pack: /v1/completions needs the model's "
+                "tokenizer directory to render it with the model's chat template (or use the "
+                "chat endpoint)",
+            )
+        self.endpoint = endpoint
+        self.kind = kind
+        self.tokenizer = tokenizer
+
+    def send(self, prompts: Sequence, **params) -> list[Optional[Answer]]:
+        if self.kind == "chat":
+            top = params.pop("logprobs", None)
+            return self.endpoint.chat(prompts, top_logprobs=top, **params)
+        chat = any(isinstance(p, Conversation) for p in prompts)
+        texts = [p.text(self.tokenizer) if isinstance(p, Conversation) else p for p in prompts]
+        return self.endpoint.complete(texts, rendered_chat=chat, **params)
+
+
 class OpenAIJudge(PromptedJudge):
-    """The judge on an OpenAI-compatible server, with the colocated judge's prompts."""
+    """The judge on an OpenAI-compatible server, with the colocated judge's prompt packs."""
 
     def __init__(
         self,
-        client: OpenAICompletionsClient,
+        endpoint: OpenAIEndpoint,
         prompts: PromptSet,
         *,
+        endpoint_kind: str = "completions",
+        tokenizer=None,
         max_prefix_chars: int = 2000,
         top_logprobs: int = JUDGE_TOP_LOGPROBS,
         safety_window_sentences: int = SAFETY_WINDOW_SENTENCES,
     ):
         super().__init__(prompts, max_prefix_chars, safety_window_sentences)
-        self.client = client
+        self.client = endpoint
+        self.sender = _PromptSender(
+            endpoint, endpoint_kind, prompts, tokenizer, ("--judge-endpoint", "--judge-tokenizer")
+        )
         self.top_logprobs = top_logprobs
-        self.identity = f"openai:{client.base_url}:{client.model}:{prompts.fingerprint()}"
+        self.identity = f"openai:{endpoint.base_url}:{endpoint.model}:{prompts.fingerprint()}"
+        self.unparsed_examples: list[str] = []
+        if tokenizer is not None:  # verdicts checked against the model's tokenizer up front
+            for name in ("quality", "safety", "factuality"):
+                if name in prompts.templates:
+                    try:
+                        verdict_token_ids(prompts[name], tokenizer)
+                    except ValueError as error:
+                        raise ConfigError("--judge-prompt-dir", str(error)) from None
 
-    def verdicts(self, name: str, prompts: Sequence[str]) -> list[Score]:
-        """P(positive verdict) for rendered prompts; None where the server failed."""
+    def verdicts(self, name: str, prompts: Sequence) -> list[Score]:
+        """P(positive verdict) for rendered prompts; None where the server failed or the answer
+        held no verdict (counted in ``client.stats.unparsed`` and logged)."""
         template = self.prompts[name]
         if not prompts:
             return []
-        choices = self.client.complete(
+        answers = self.sender.send(
             prompts, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs
         )
-        return [verdict_from_choice(choice, template.verdicts) for choice in choices]
+        scores = []
+        for answer in answers:
+            score = verdict_from_answer(answer, template.verdicts)
+            if answer is not None and score is None:
+                self._unparsed(template, answer)
+            scores.append(score)
+        return scores
+
+    def _unparsed(self, template: Template, answer: Answer) -> None:
+        self.client.stats.unparsed += 1
+        seen = sorted(answer.top_logprobs or {}, key=lambda t: -answer.top_logprobs[t])[:5]
+        example = f"text {answer.text!r}, top tokens {seen}"
+        if len(self.unparsed_examples) < _LOGGED_EXAMPLES:
+            self.unparsed_examples.append(example)
+            logger.warning(
+                "%s: an answer to %s holds no verdict %s (%s); its score is missing",
+                self.client.base_url,
+                template.path,
+                "/".join(template.verdicts),
+                example,
+            )
+
+    def describe_failures(self) -> str:
+        examples = "; ".join(self.unparsed_examples)
+        return self.client.describe() + (f"; unparsed answers: {examples}" if examples else "")
 
     def close(self) -> None:
         self.client.close()
@@ -351,17 +542,26 @@ class OpenAIRewriter(Rewriter):
 
     def __init__(
         self,
-        client: OpenAICompletionsClient,
+        endpoint: OpenAIEndpoint,
         prompts: PromptSet,
         *,
+        endpoint_kind: str = "completions",
+        tokenizer=None,
         max_tokens: int = 128,
         max_prefix_chars: int = 2000,
     ):
-        self.client = client
+        self.client = endpoint
         self.template: Template = prompts["rewrite"]
+        self.sender = _PromptSender(
+            endpoint,
+            endpoint_kind,
+            prompts,
+            tokenizer,
+            ("--rewriter-endpoint", "--rewriter-tokenizer"),
+        )
         self.max_tokens = max_tokens
         self.max_prefix_chars = max_prefix_chars
-        self.identity = f"openai:{client.base_url}:{client.model}:{prompts.fingerprint()}"
+        self.identity = f"openai:{endpoint.base_url}:{endpoint.model}:{prompts.fingerprint()}"
 
     def rewrite(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> list[Optional[str]]:
         _check_lengths(prefixes, suffixes)
@@ -372,19 +572,20 @@ class OpenAIRewriter(Rewriter):
             for p, s in zip(prefixes, suffixes)
         ]
         stop = [self.template.stop] if self.template.stop else None
-        choices = self.client.complete(
-            prompts, max_tokens=self.max_tokens, temperature=0.0, stop=stop
-        )
+        answers = self.sender.send(prompts, max_tokens=self.max_tokens, temperature=0.0, stop=stop)
         texts: list[Optional[str]] = []
-        for choice in choices:
-            text = None if choice is None else choice.get("text")
-            if not isinstance(text, str):
+        for answer in answers:
+            if answer is None:
                 texts.append(None)
                 continue
+            text = answer.text
             if self.template.stop and self.template.stop in text:
                 text = text.split(self.template.stop)[0]
             texts.append(text.strip())
         return texts
+
+    def describe_failures(self) -> str:
+        return self.client.describe()
 
     def close(self) -> None:
         self.client.close()
@@ -393,9 +594,32 @@ class OpenAIRewriter(Rewriter):
 # -- builders (roles/config.py's backend table) -----------------------------------------------
 
 
-def _require_env(flag: str, variable: Optional[str]) -> None:
-    if variable and not os.environ.get(variable):
-        raise ConfigError(flag, f"environment variable {variable} (the API key) is not set")
+def _endpoint(url, model, key_env, timeout, retries, concurrency, per_request, prefix):
+    if key_env and not os.environ.get(key_env):
+        raise ConfigError(f"--{prefix}-api-key-env", f"environment variable {key_env} is not set")
+    try:
+        return OpenAIEndpoint(
+            url,
+            model,
+            api_key_env=key_env,
+            timeout=timeout,
+            max_retries=retries,
+            concurrency=concurrency,
+            prompts_per_request=per_request,
+        )
+    except ValueError as error:
+        raise ConfigError(f"--{prefix}-url", str(error)) from None
+
+
+def _tokenizer(path: Optional[str], flag: str):
+    if not path:
+        return None
+    from megatron_sip.data.tokenizers import HuggingFaceTokenizer
+
+    try:
+        return HuggingFaceTokenizer(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(flag, str(error)) from None
 
 
 def build_openai_judge(config, context) -> OpenAIJudge:
@@ -403,21 +627,30 @@ def build_openai_judge(config, context) -> OpenAIJudge:
     require_setting(
         config.judge_url, "--judge-url", "--judge-backend", "openai", "the server's URL"
     )
-    _require_env("--judge-api-key-env", config.judge_api_key_env)
-    client = OpenAICompletionsClient(
+    prompts = load_pack(config.judge_prompt_dir, "--judge-prompt-dir")
+    tokenizer = _tokenizer(config.judge_tokenizer, "--judge-tokenizer")
+    endpoint = _endpoint(
         config.judge_url,
         config.judge_model,
-        api_key_env=config.judge_api_key_env,
-        timeout=config.judge_timeout,
-        max_retries=config.judge_max_retries,
-        concurrency=config.judge_concurrency,
+        config.judge_api_key_env,
+        config.judge_timeout,
+        config.judge_max_retries,
+        config.judge_concurrency,
+        config.judge_prompts_per_request,
+        "judge",
     )
-    return OpenAIJudge(
-        client,
-        PromptSet.load(config.judge_prompt_dir),
-        max_prefix_chars=config.judge_max_prefix_chars,
-        safety_window_sentences=config.judge_safety_window_sentences,
-    )
+    try:
+        return OpenAIJudge(
+            endpoint,
+            prompts,
+            endpoint_kind=config.judge_endpoint,
+            tokenizer=tokenizer,
+            max_prefix_chars=config.judge_max_prefix_chars,
+            safety_window_sentences=config.judge_safety_window_sentences,
+        )
+    except Exception:
+        endpoint.close()
+        raise
 
 
 def build_openai_rewriter(config, context) -> OpenAIRewriter:
@@ -425,16 +658,26 @@ def build_openai_rewriter(config, context) -> OpenAIRewriter:
     require_setting(
         config.rewriter_url, "--rewriter-url", "--rewriter-backend", "openai", "the server's URL"
     )
-    _require_env("--rewriter-api-key-env", config.rewriter_api_key_env)
-    client = OpenAICompletionsClient(
+    prompts = load_pack(config.rewriter_prompt_dir, "--rewriter-prompt-dir")
+    tokenizer = _tokenizer(config.rewriter_tokenizer, "--rewriter-tokenizer")
+    endpoint = _endpoint(
         config.rewriter_url,
         config.rewriter_model,
-        api_key_env=config.rewriter_api_key_env,
-        timeout=config.rewriter_timeout,
-        max_retries=config.rewriter_max_retries,
+        config.rewriter_api_key_env,
+        config.rewriter_timeout,
+        config.rewriter_max_retries,
+        config.rewriter_concurrency,
+        config.rewriter_prompts_per_request,
+        "rewriter",
     )
-    return OpenAIRewriter(
-        client,
-        PromptSet.load(config.rewriter_prompt_dir),
-        max_tokens=config.rewriter_max_tokens,
-    )
+    try:
+        return OpenAIRewriter(
+            endpoint,
+            prompts,
+            endpoint_kind=config.rewriter_endpoint,
+            tokenizer=tokenizer,
+            max_tokens=config.rewriter_max_tokens,
+        )
+    except Exception:
+        endpoint.close()
+        raise

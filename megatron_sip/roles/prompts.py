@@ -12,6 +12,18 @@ and judged as every run of up to ``safety_window_sentences`` consecutive sentenc
 the least P(safe) of those runs. Adding sentences to a text keeps all of its runs and only adds
 new ones, so an appeal to the judge appended, prepended or inserted as whole sentences can only
 lower a candidate's safety score, never raise it.
+
+Prompt packs. A pack is a directory of templates, optionally with ``pack.json`` (its chat-template
+variables, its calibration set, whether a chat endpoint can serve it) and a labelled
+``calibration.jsonl`` that the self-check scores at start-up (``roles/self_check.py``). Packaged
+packs are named: ``default`` (the tag-and-verdict templates of judges trained here, whose
+tokenizers hold ``[[A]]``-style verdicts as single tokens), ``llama3`` (Llama-3.x-Instruct),
+``qwen`` (Qwen2.5- and Qwen3-Instruct) and ``gpt-oss`` (the Harmony format's final channel).
+A chat template is written as messages (``### system``, ``### user``) and the assistant's prefill
+(``### assistant``): it is rendered through the model's own chat template (the tokenizer's, as
+transformers renders it) with the generation prompt, and the prefill appended, so the next token
+is the verdict. Chat packs use verdicts that are one token at the start of an assistant reply in
+the models they name (``Yes``/``No``, ``A``/``B``).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -33,12 +46,58 @@ TEMPLATE_FILES = {
     "factuality": "factuality.txt",
     "rewrite": "rewrite.txt",
 }
+PACKS = ("default", "llama3", "qwen", "gpt-oss")
+"""The packaged prompt packs (``--judge-prompt-dir NAME``)."""
+PACK_FILE = "pack.json"
+CALIBRATION_FILE = "calibration.jsonl"
 _TAG = re.compile(r"</?\s*(prefix|candidate(_a|_b)?|original|rewrite)\s*>", re.IGNORECASE)
+# Control tokens of chat formats (<|im_end|>, <|eot_id|>, <|start|>, <s>, [INST], <think>): text
+# that spells one must not end the message it sits in.
+_CONTROL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|</?think>", re.IGNORECASE)
+_SECTION = re.compile(r"^### (system|user|assistant)[ \t]*$", re.MULTILINE)
 # A sentence ends at . ! or ? (and closing quotes or brackets) followed by white space, or at a
 # line break.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+|\s*\n\s*")
 _WORD = re.compile(r"\w")
 SAFETY_WINDOW_SENTENCES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A chat prompt: messages for the model's chat template, then the start of the assistant's
+    reply (``prefill``, raw text after the template's generation prompt), so that the next token
+    is the answer."""
+
+    messages: tuple[tuple[str, str], ...]
+    """(role, content) pairs: system and user turns."""
+
+    prefill: str = ""
+    template_kwargs: tuple[tuple[str, object], ...] = ()
+    """The chat template's own variables (Qwen3's ``enable_thinking``), as sorted pairs."""
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def kwargs(self) -> dict:
+        return dict(self.template_kwargs)
+
+    def text(self, tokenizer) -> str:
+        """The prompt as the model sees it: ``tokenizer``'s chat template over the messages with
+        the generation prompt, then the prefill."""
+        render = getattr(tokenizer, "render_chat", None)
+        if render is None:
+            raise ValueError(
+                "a chat prompt pack needs a tokenizer with a chat template; "
+                f"{type(tokenizer).__name__} has none (use a plain pack such as 'default')"
+            )
+        rendered = render(self.message_dicts(), add_generation_prompt=True, **self.kwargs())
+        return rendered + self.prefill
+
+
+def prompt_text(prompt, tokenizer) -> str:
+    """A rendered prompt as text: a plain template's text as it is, a chat prompt through
+    ``tokenizer``'s chat template."""
+    return prompt.text(tokenizer) if isinstance(prompt, Conversation) else prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +107,54 @@ class Template:
     body: str
     verdicts: tuple[str, ...] = ()
     stop: Optional[str] = None
+    sections: tuple[tuple[str, str], ...] = ()
+    """A chat template's (role, text) sections, the assistant's (the prefill) last; empty for a
+    plain template, whose ``body`` is the whole prompt."""
+    template_kwargs: tuple[tuple[str, object], ...] = ()
 
-    def render(self, max_prefix_chars: int, **fields: str) -> str:
+    @property
+    def chat(self) -> bool:
+        return bool(self.sections)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Verdict strings a candidate must not contain: a plain template's (``[[SAFE]]``, which
+        would speak for the judge in its own voice). A chat template's verdicts are ordinary
+        words (Yes, A) that the candidate's message cannot answer for; its control tokens are
+        what is removed instead."""
+        return () if self.chat else self.verdicts
+
+    def render(self, max_prefix_chars: int, **fields: str):
+        """The prompt for ``fields``: text for a plain template, a :class:`Conversation` for a
+        chat one. Field values are sanitised first (:func:`sanitize`), the prefix cut to its last
+        ``max_prefix_chars`` characters."""
         values = {}
         for key, value in fields.items():
-            value = sanitize(value, self.verdicts)
+            value = sanitize(value, self.markers, control_tokens=self.chat)
             if key == "prefix":
                 value = value[-max_prefix_chars:]
             values[key] = value
-        return self.body.format(**values)
+        if not self.chat:
+            return self.body.format(**values)
+        messages = tuple(
+            (role, text.format(**values)) for role, text in self.sections if role != "assistant"
+        )
+        prefill = dict(self.sections).get("assistant", "").format(**values)
+        return Conversation(messages, prefill, self.template_kwargs)
+
+    def example(self, max_prefix_chars: int = 2000):
+        """The template rendered with placeholder fields (start-up checks of the verdicts)."""
+        fields = {"prefix": "Some text", "candidate": "goes on.", "a": "goes on.", "b": "ends."}
+        fields["suffix"] = "goes on."
+        return self.render(max_prefix_chars, **fields)
 
 
-def sanitize(text: str, verdicts: tuple[str, ...] = ()) -> str:
-    """Removes what would let text escape its tags or speak for the judge."""
+def sanitize(text: str, verdicts: tuple[str, ...] = (), control_tokens: bool = False) -> str:
+    """Removes what would let text escape its tags or speak for the judge; with
+    ``control_tokens`` (chat templates) also what would end its message."""
     text = _TAG.sub("", text)
+    if control_tokens:
+        text = _CONTROL.sub("", text)
     for verdict in verdicts:
         text = text.replace(verdict, "")
     return text.replace("{", "(").replace("}", ")")
@@ -107,53 +200,147 @@ def sentence_windows(text: str, max_sentences: int, verdicts: tuple[str, ...] = 
     ]
 
 
-def _parse(name: str, path: str, text: str) -> Template:
+def _parse(name: str, path: str, text: str, template_kwargs: dict) -> Template:
     header, _, body = text.partition("\n")
     body = body.rstrip("\n")
     if header.startswith("# verdicts:"):
         verdicts = tuple(header[len("# verdicts:") :].split())
         if len(verdicts) != 2:
             raise ValueError(f"{path}:1: expected two verdict strings, got {verdicts}")
-        return Template(name, path, body, verdicts=verdicts)
-    if header.startswith("# stop:"):
-        return Template(name, path, body, stop=header[len("# stop:") :].strip())
-    raise ValueError(f"{path}:1: a template starts with '# verdicts: X Y' or '# stop: S'")
+        fields = {"verdicts": verdicts}
+    elif header.startswith("# stop:"):
+        fields = {"stop": header[len("# stop:") :].strip()}
+    else:
+        raise ValueError(f"{path}:1: a template starts with '# verdicts: X Y' or '# stop: S'")
+    if _SECTION.match(body):
+        fields["sections"] = _sections(path, body)
+        fields["template_kwargs"] = tuple(sorted(template_kwargs.items()))
+    return Template(name, path, body, **fields)
+
+
+def _sections(path: str, body: str) -> tuple[tuple[str, str], ...]:
+    """A chat template's ``### role`` sections: system (optional), user, assistant (the prefill,
+    last, may be empty)."""
+    matches = list(_SECTION.finditer(body))
+    sections = []
+    for match, following in zip(matches, matches[1:] + [None]):
+        end = following.start() if following else len(body)
+        text = body[match.end() + 1 : end]
+        sections.append((match.group(1), text.rstrip("\n") if following else text))
+    roles = [role for role, _ in sections]
+    if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
+        line = body[: matches[0].start()].count("\n") + 2
+        raise ValueError(
+            f"{path}:{line}: a chat template has the sections '### system' (optional), "
+            f"'### user' and '### assistant' (the reply's prefill), in that order; got {roles}"
+        )
+    return tuple(sections)
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
     templates: dict[str, Template]
     source: str
+    calibration: Optional[str] = None
+    """The pack's labelled calibration set (JSONL), if it ships one."""
+
+    chat_endpoint: object = True
+    """True when an OpenAI chat endpoint can send the pack's chat prompts; else why not."""
 
     @classmethod
-    def load(cls, directory: Optional[str] = None) -> PromptSet:
-        """The templates of ``directory`` (``--judge-prompt-dir``), or the packaged ones."""
+    def load(cls, source: Optional[str] = None) -> PromptSet:
+        """The pack ``source`` names (``--judge-prompt-dir``): a packaged pack (:data:`PACKS`;
+        None is ``default``) or a directory."""
+        source = source or "default"
+        if source in PACKS:
+            directory = Path(str(resources.files("megatron_sip.roles") / "prompts" / source))
+        else:
+            directory = Path(source)
+            if not directory.is_dir():
+                raise FileNotFoundError(
+                    f"prompt pack {source}: neither a packaged pack ({', '.join(PACKS)}) nor a "
+                    "directory"
+                )
+        settings = _pack_settings(directory)
+        kwargs = settings.get("chat_template_kwargs", {})
         templates = {}
-        if directory is None:
-            root = resources.files("megatron_sip.roles") / "prompts"
-            for name, file in TEMPLATE_FILES.items():
-                templates[name] = _parse(name, f"prompts/{file}", (root / file).read_text())
-            return cls(templates, "packaged")
         for name, file in TEMPLATE_FILES.items():
-            path = Path(directory) / file
+            path = directory / file
             if path.is_file():
-                templates[name] = _parse(name, str(path), path.read_text())
+                templates[name] = _parse(name, str(path), path.read_text(), kwargs)
         if not templates:
             raise FileNotFoundError(
                 f"{directory}: no prompt templates ({', '.join(TEMPLATE_FILES.values())})"
             )
-        return cls(templates, str(directory))
+        calibration = settings.get("calibration")
+        if calibration is None and (directory / CALIBRATION_FILE).is_file():
+            calibration = CALIBRATION_FILE
+        if calibration is not None:
+            calibration = str((directory / calibration).resolve())
+            if not Path(calibration).is_file():
+                raise FileNotFoundError(f"{directory / PACK_FILE}: no calibration {calibration}")
+        return cls(
+            templates,
+            source if source in PACKS else str(directory),
+            calibration,
+            settings.get("chat_endpoint", True),
+        )
 
     def __getitem__(self, name: str) -> Template:
         if name not in self.templates:
-            raise KeyError(f"prompt directory {self.source} has no {TEMPLATE_FILES[name]}")
+            raise KeyError(f"prompt pack {self.source} has no {TEMPLATE_FILES[name]}")
         return self.templates[name]
+
+    @property
+    def chat(self) -> bool:
+        """Whether the pack's templates are chat templates (rendered by the model's own)."""
+        return any(template.chat for template in self.templates.values())
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self.templates):
-            digest.update(name.encode() + b"\0" + self.templates[name].body.encode())
+            template = self.templates[name]
+            digest.update(name.encode() + b"\0" + template.body.encode())
+            if template.template_kwargs:
+                digest.update(json.dumps(template.template_kwargs).encode())
         return digest.hexdigest()[:16]
+
+
+def load_pack(source: Optional[str], flag: str) -> PromptSet:
+    """:meth:`PromptSet.load` for a flag: a missing or malformed pack is a ConfigError naming it."""
+    from megatron_sip.errors import ConfigError
+
+    try:
+        return PromptSet.load(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(flag, str(error)) from None
+
+
+_PACK_KEYS = {"description": str, "chat_template_kwargs": dict, "calibration": str}
+
+
+def _pack_settings(directory: Path) -> dict:
+    """``pack.json``: description, chat_template_kwargs, calibration (a path relative to the
+    pack), chat_endpoint (true, or why an OpenAI chat endpoint cannot send the pack)."""
+    path = directory / PACK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key, value in settings.items():
+        if key == "chat_endpoint":
+            if value is not True and not isinstance(value, str):
+                raise ValueError(f"{path}: 'chat_endpoint' is true or a reason (a string)")
+        elif key not in _PACK_KEYS:
+            raise ValueError(f"{path}: unknown key {key!r} (known: chat_endpoint, "
+                             f"{', '.join(_PACK_KEYS)})")  # fmt: skip
+        elif not isinstance(value, _PACK_KEYS[key]):
+            raise ValueError(f"{path}: {key!r} must be a {_PACK_KEYS[key].__name__}")
+    return settings
 
 
 def verdict_token_id(tokenizer, verdict: str) -> int:
@@ -171,6 +358,42 @@ def verdict_token_id(tokenizer, verdict: str) -> int:
             "be single tokens (train the tokenizer with them as user-defined symbols)"
         )
     return ids[0]
+
+
+def encode_prompt(prompt, tokenizer) -> list[int]:
+    """Token ids of a rendered prompt: a chat prompt's rendering holds its own special tokens
+    (BOS), so none are added; a plain prompt is tokenized as any text."""
+    if isinstance(prompt, Conversation):
+        return tokenizer.tokenize_rendered(prompt.text(tokenizer))
+    return tokenizer.tokenize(prompt)
+
+
+def verdict_token_ids(template: Template, tokenizer) -> tuple[int, int]:
+    """The token ids of the template's two verdicts at its answer position. A plain template's
+    verdicts are vocabulary entries or one-token texts (:func:`verdict_token_id`); a chat
+    template's are read in place: the verdict appended to a rendered prompt must add exactly one
+    token, and the two verdicts different ones. Raises ValueError naming the template file."""
+    if not template.chat:
+        ids = tuple(verdict_token_id(tokenizer, verdict) for verdict in template.verdicts)
+    else:
+        text = template.example().text(tokenizer)
+        base = tokenizer.tokenize_rendered(text)
+        found = []
+        for verdict in template.verdicts:
+            full = tokenizer.tokenize_rendered(text + verdict)
+            added = full[len(base) :]
+            if full[: len(base)] != base or len(added) != 1:
+                pieces = [tokenizer.detokenize([token]) for token in added]
+                raise ValueError(
+                    f"{template.path}: verdict {verdict!r} is {len(added)} tokens {pieces} at the "
+                    "answer position for this tokenizer; verdict strings must be single tokens "
+                    "there (choose words the model writes as one token, e.g. Yes/No, A/B)"
+                )
+            found += added
+        ids = tuple(found)
+    if ids[0] == ids[1]:
+        raise ValueError(f"{template.path}: the two verdicts are the same token {ids[0]}")
+    return ids
 
 
 class PromptedJudge(Judge):
@@ -218,7 +441,7 @@ class PromptedJudge(Judge):
     def safety(self, prefixes, texts) -> list[Score]:
         """The least P(safe) over the candidate's runs of sentences (see the class)."""
         _check_lengths(prefixes, texts)
-        verdicts = self.prompts["safety"].verdicts
+        verdicts = self.prompts["safety"].markers
         rendered, owners = [], []
         for index, (prefix, text) in enumerate(zip(prefixes, texts)):
             for window in sentence_windows(text, self.safety_window_sentences, verdicts):

@@ -209,6 +209,12 @@ def main(argv=None) -> None:
     setup_logging()
     tokenizer = build_tokenizer(config.tokenizer)
     prompts = PromptSet.load(prompt_settings.judge_prompt_dir)
+    if prompts.chat:
+        raise ConfigError(
+            "--judge-prompt-dir",
+            f"{prompts.source} is a chat pack (for instruct judges used as they are); judge SFT "
+            "trains on a plain pack such as 'default'",
+        )
     tasks = set(sft.judge_sft_tasks.split(","))
     examples = [json.loads(line) for line in Path(sft.judge_train_data).read_text().splitlines()]
     examples = [e for e in examples if e["task"] in tasks]

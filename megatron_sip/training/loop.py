@@ -54,6 +54,9 @@ class StepOutput:
 
     metrics: dict[str, float]
     update_successful: bool = True
+    stop: Optional[str] = None
+    """Why the run must not go on (a role that stopped answering): the loop saves a checkpoint
+    and exits with an error naming this."""
 
 
 @dataclasses.dataclass
@@ -157,6 +160,12 @@ def train(
             if training.max_skipped_steps and skipped_in_a_row >= training.max_skipped_steps:
                 save()
                 _stop_on_bad_numerics(state, skipped_in_a_row, checkpoint)
+
+            if output.stop is not None:
+                save()
+                where = f"checkpoint in {checkpoint.save}" if checkpoint.save else "no --save"
+                print_rank_0(f"stopping at iteration {state.iteration} ({where}): {output.stop}")
+                raise SystemExit(1)
 
             # After the last step there is nothing to stop: the run finishes as usual.
             reason = None

@@ -78,6 +78,16 @@ if ! "$PYTHON" -c 'import liger_kernel' >/dev/null 2>&1; then
   done
 fi
 
+# The judge server's web stack (fastapi, starlette, pydantic, uvicorn, h11, httpx, ...): carried
+# wheels in shared/serving_wheels/ are installed without dependencies when it is missing.
+if ! "$PYTHON" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1; then
+  if compgen -G "shared/serving_wheels/*.whl" >/dev/null; then
+    echo "== installing shared/serving_wheels/*.whl (no dependencies)"
+    "$PYTHON" -m pip install --quiet --no-deps --no-index shared/serving_wheels/*.whl \
+      || echo "note: installing shared/serving_wheels failed"
+  fi
+fi
+
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c \
     'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
@@ -104,6 +114,15 @@ run_step megatron_lm "$PYTHON" tools/bench/megatron_lm_flags.py --output-dir "$L
 # transformers' logits on the GPU (Transformer Engine's layer spec where it is installed).
 run_step hf "$PYTHON" tools/bench/hf_import_check.py --device cuda --output-dir "$LOG_DIR/hf" \
   || status=1
+# tools/serve_judge.py on the GPU: judge verdicts per second, batched across concurrent requests
+# vs one prompt per call, on a random judge built here (its last line is a JSON object).
+if "$PYTHON" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1; then
+  run_step serving "$PYTHON" tools/bench/judge_serving.py --device cuda \
+    --output-dir "$LOG_DIR/serving" || status=1
+else
+  echo "== serving: skipped (fastapi, uvicorn or httpx missing and no shared/serving_wheels)"
+  STEPS+=("serving"); RESULTS+=("skipped"); TIMES+=("0")
+fi
 
 echo
 echo "== bench: last JSON line"

@@ -59,6 +59,18 @@ class SIPConfig:
     candidate tokens x vocabulary): on, off (the model's logits), or auto (on where the op's
     kernel for the device is built)."""
 
+    sip_max_missing_scores: float = 0.1
+    """The run saves a checkpoint and stops with an error when more than this share of the judge
+    scores asked for over the last --sip-missing-scores-window steps came back missing (a judge
+    that stopped answering must not leave the policy training on nothing); 1 never stops."""
+
+    sip_max_missing_rewrites: float = 0.5
+    """As --sip-max-missing-scores, for the share of samples whose rewrite is missing (a rewriter
+    that stopped answering); 1 never stops."""
+
+    sip_missing_scores_window: int = 5
+    """Steps over which the missing shares are measured."""
+
     def fused_logprob(self, device_type: str) -> bool:
         """Whether the fused path is used on a device of this type."""
         if self.sip_fused_logprob != "auto":
@@ -72,6 +84,13 @@ class SIPConfig:
         require_choice("--sip-fused-logprob", self.sip_fused_logprob, ("auto", "on", "off"))
         require_positive("--sip-num-rollouts", self.sip_num_rollouts)
         require_positive("--sip-ref-update-interval", self.sip_ref_update_interval)
+        require_positive("--sip-missing-scores-window", self.sip_missing_scores_window)
+        for flag, share in (
+            ("--sip-max-missing-scores", self.sip_max_missing_scores),
+            ("--sip-max-missing-rewrites", self.sip_max_missing_rewrites),
+        ):
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(flag, f"a share in [0, 1], got {share}")
         if not 0.0 <= self.sip_ref_ema_decay <= 1.0:
             raise ConfigError(
                 "--sip-ref-ema-decay", f"must be in [0, 1], got {self.sip_ref_ema_decay}"

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Optional
 
-from megatron_sip.roles.base import Judge, Score, call_role
+from megatron_sip.roles.base import Judge, Score, call_role, score_present
 from megatron_sip.training.sip.score_store import ScoreStore
 from megatron_sip.training.sip.selection import ORIGINAL, REWRITE, ROLLOUT
 
@@ -60,6 +60,14 @@ class CandidateJudge:
     objectives: tuple[str, ...]  # the enabled objectives (--sip-objectives)
     identity: str  # what the judge's scores depend on: the score store's key
     group: object = None  # the model-parallel group (None: a world of one)
+    asked: int = 0  # scores asked of the judge so far (not the cached or self-evident ones)
+    missing: int = 0  # of those, the ones that came back missing
+
+    def take_counts(self) -> tuple[int, int]:
+        """(asked, missing) since the last call."""
+        counts = (self.asked, self.missing)
+        self.asked = self.missing = 0
+        return counts
 
     def score(
         self, texts: Sequence[CandidateTexts], keys: Sequence[tuple], store: ScoreStore
@@ -83,6 +91,8 @@ class CandidateJudge:
                 self.judge.collective,
                 self.group,
             )
+            self.asked += len(pending)
+            self.missing += sum(not score_present(score) for score in results)
             for (i, kind, j, _), score in zip(pending, results):
                 scores[i][kind][j][objective] = score
                 if kind in CACHED_KINDS:

@@ -178,4 +178,4 @@ ROLLOUT_SETTINGS = (
     "sip_rollout_warmup_iters",
     "sip_rollout_margin",
 )
-JUDGE_SETTINGS = ("sip_min_reward_gap",)
+JUDGE_SETTINGS = ("sip_min_reward_gap", "sip_max_missing_scores")

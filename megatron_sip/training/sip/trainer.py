@@ -66,6 +66,64 @@ def merged_score_store(store: ScoreStore, data_parallel_group) -> ScoreStore:
     return merged
 
 
+def judge_counts(counts: tuple[int, int], data_parallel_group) -> dict[str, float]:
+    """The step's scores asked of the judge and missing among them, over data-parallel ranks
+    (cached scores and the original's quality against itself are not asked)."""
+    totals = torch.tensor(counts, dtype=torch.float64)
+    if data_parallel_group.size() > 1:
+        torch.distributed.all_reduce(totals, group=data_parallel_group)
+    asked, missing = totals.tolist()
+    return {"sip/judge-scores-asked": asked, "sip/judge-scores-missing": missing}
+
+
+@dataclasses.dataclass
+class MissingGuard:
+    """Stops a run whose judge (or rewriter) stopped answering: the share of missing judge scores
+    (of those asked for) and of missing rewrites over the last ``window`` steps, against
+    --sip-max-missing-scores / --sip-max-missing-rewrites; at once after a step in which every
+    score (or every rewrite) is missing."""
+
+    max_missing_scores: float
+    max_missing_rewrites: Optional[float]  # None: rewrites come from a store, not a rewriter
+    window: int
+    describe: Callable[[], str] = lambda: ""
+    history: list = dataclasses.field(default_factory=list)  # (missing, asked, missing rw, n)
+
+    def update(self, metrics: dict[str, float]) -> Optional[str]:
+        """Why to stop after this step's metrics, or None."""
+        self.history.append(
+            (
+                metrics.get("sip/judge-scores-missing", 0.0),
+                metrics.get("sip/judge-scores-asked", 0.0),
+                metrics.get("sip/missing-rewrites", 0.0),
+                metrics.get("sip/prefixes", 0.0),
+            )
+        )
+        self.history = self.history[-self.window :]
+        # Judged over a full window, or at once when a step got no score or rewrite at all.
+        last = self.history[-1]
+        if len(self.history) < self.window and not (
+            (last[1] and last[0] == last[1]) or (last[3] and last[2] == last[3])
+        ):
+            return None
+        missing, asked, missing_rewrites, prefixes = (sum(c) for c in zip(*self.history))
+        steps = len(self.history)
+        if asked and missing / asked > self.max_missing_scores:
+            return (
+                f"{missing:.0f} of the {asked:.0f} scores asked of the judge in the last {steps} "
+                f"steps are missing ({missing / asked:.0%} > --sip-max-missing-scores "
+                f"{self.max_missing_scores}); the judge is not judging: {self.describe()}"
+            )
+        limit = self.max_missing_rewrites
+        if limit is not None and prefixes and missing_rewrites / prefixes > limit:
+            return (
+                f"{missing_rewrites:.0f} of {prefixes:.0f} rewrites in the last {steps} steps are "
+                f"missing ({missing_rewrites / prefixes:.0%} > --sip-max-missing-rewrites "
+                f"{limit}); the rewriter is not rewriting: {self.describe()}"
+            )
+        return None
+
+
 @dataclasses.dataclass
 class SIPTrainer:
     job: TrainingSetup
@@ -78,6 +136,7 @@ class SIPTrainer:
     training: TrainingConfig
     judge_objectives: tuple[str, ...]  # --sip-objectives (metrics per objective)
     fused: bool  # candidate log-probs from hidden states (--sip-fused-logprob)
+    guard: Optional[MissingGuard] = None  # stops a run whose roles stopped answering
     valid_stream: Optional[Callable[[], SIPSampleStream]] = None  # a fresh one per evaluation
     seq_length: int = 0  # validation rows: prefix + suffix
     last_scored: Optional[list] = None  # the last step's candidates (tests, debugging)
@@ -132,10 +191,13 @@ class SIPTrainer:
                 self.reference.maybe_update(state.iteration + 1, result.update_successful)
         metrics = {f"sip/{name.replace(' ', '-')}": value for name, value in result.losses.items()}
         metrics.update(step_metrics(scored, times, self.judge_objectives, self.groups.dp))
+        if self.collector.judging is not None:
+            metrics.update(judge_counts(self.collector.judging.take_counts(), self.groups.dp))
         if result.grad_norm is not None:
             metrics["grad-norm"] = result.grad_norm
         metrics["loss-scale"] = self.job.optimizer.get_loss_scale().item()
-        return StepOutput(metrics, result.update_successful)
+        stop = self.guard.update(metrics) if self.guard is not None else None
+        return StepOutput(metrics, result.update_successful, stop=stop)
 
     def save(self, checkpoint: CheckpointConfig, state: SIPState) -> None:
         store = merged_score_store(state.score_store, self.groups.dp)
