@@ -72,6 +72,7 @@ setup(
         "openai>=1.40",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "httpx",  # tools/bench/judge_serving.py's client (and the server tests')
         "pybind11",
         "psutil",
         "tqdm",
