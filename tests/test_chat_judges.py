@@ -39,8 +39,14 @@ def chat_model(tmp_path_factory):
 def _judge_worker(root: str, out: str) -> None:
     from megatron_sip.errors import RoleCheckError
     from megatron_sip.initialize import ParallelConfig, destroy_distributed, initialize_distributed
-    from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
-    from megatron_sip.roles.self_check import check_judge
+    from megatron_sip.roles.config import (
+        JudgeConfig,
+        RewriterConfig,
+        RoleContext,
+        build_judge,
+        build_rewriter,
+    )
+    from megatron_sip.roles.self_check import check_judge, check_rewriter
 
     context = initialize_distributed(ParallelConfig(), "cpu", 3)
     roles = RoleContext(ParallelConfig(), context.pg_collection)
@@ -56,6 +62,13 @@ def _judge_worker(root: str, out: str) -> None:
         results["rendered"] = judge.render("safety", prefix=PREFIX, candidate=TEXTS[0]).text(
             judge.role.tokenizer
         )
+        # The colocated rewriter renders the same pack's chat template and generates after it.
+        rewriter = build_rewriter(
+            RewriterConfig(rewriter_backend="megatron", rewriter_load=f"{root}/ckpt",
+                           rewriter_prompt_dir="qwen", rewriter_max_tokens=6), roles,
+        )  # fmt: skip
+        results["rewrites"] = rewriter.rewrite([PREFIX], [TEXTS[0]])
+        results["rewrite_check"] = check_rewriter(rewriter, None)["rewrites"]
         # A random model is a poor judge: the default bar stops it, naming the accuracy.
         try:
             check_judge(judge, config)
@@ -145,6 +158,8 @@ def test_colocated_chat_judge_matches_transformers_and_fails_loudly(chat_model, 
         _transformers_verdicts(root / "hf", quality_text, ("A", "B")), abs=1e-5
     )
 
+    assert len(results["rewrites"]) == 1 and isinstance(results["rewrites"][0], str)
+    assert len(results["rewrite_check"]) == 2 and "<|im_end|>" not in results["rewrites"][0]
     assert "below --judge-min-calibration-accuracy 0.75" in results["calibration_error"]
     assert "calibration.jsonl" in results["calibration_error"]
     assert 0.0 <= results["calibration_at_0"] <= 1.0

@@ -651,6 +651,34 @@ def test_completions_match_the_colocated_judge(built, server):
 
 
 @pytest.mark.slow
+def test_the_sip_judge_client_reads_the_server_as_the_colocated_judge(built, server, monkeypatch):
+    """SIP's own client (--judge-backend openai, several prompts per request) on this server
+    gives the colocated judge's verdicts, and passes the start-up self-check."""
+    from megatron_sip.roles.config import JudgeConfig, build_judge
+    from megatron_sip.roles.self_check import check_judge
+
+    checkpoint, reference = built
+    url, _, _ = server
+    monkeypatch.setenv("SIP_TEST_SERVE_KEY", KEY)
+    config = JudgeConfig(
+        judge_backend="openai", judge_url=url, judge_api_key_env="SIP_TEST_SERVE_KEY",
+        judge_prompt_dir=str(checkpoint.parent / "prompts"), judge_prompts_per_request=3,
+        judge_min_calibration_accuracy=0.0,
+    )  # fmt: skip
+    judge = build_judge(config)
+    try:
+        assert judge.client.model == "tiny"  # the one model the server lists
+        for name, prompts in JUDGE_PROMPTS.items():
+            assert judge.verdicts(name, prompts) == pytest.approx(
+                reference["verdicts"][name], abs=1e-5
+            ), name
+        assert check_judge(judge, config)["source"] == "placeholder prompts"
+        assert judge.client.stats.total_failures == 0 and judge.client.stats.unparsed == 0
+    finally:
+        judge.close()
+
+
+@pytest.mark.slow
 def test_chat_completions_match_the_chat_template_and_model(built, server):
     _, reference = built
     _, client, _ = server

@@ -60,9 +60,10 @@ class SIPConfig:
     kernel for the device is built)."""
 
     sip_max_missing_scores: float = 0.1
-    """The run saves a checkpoint and stops with an error when more than this share of the judge
-    scores asked for over the last --sip-missing-scores-window steps came back missing (a judge
-    that stopped answering must not leave the policy training on nothing); 1 never stops."""
+    """The run saves a checkpoint and stops with an error when more than this share of the scores
+    asked of the judge over the last --sip-missing-scores-window steps came back missing (at once
+    after a step with none back): a judge that stopped answering must not leave the policy
+    training on nothing. 1 never stops."""
 
     sip_max_missing_rewrites: float = 0.5
     """As --sip-max-missing-scores, for the share of samples whose rewrite is missing (a rewriter
