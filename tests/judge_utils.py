@@ -74,7 +74,7 @@ def train_judge(
         "--tokenizer-type", "GPTSentencePieceTokenizer",
         "--tokenizer-model", tokenizer.tokenizer_model,
         "--judge-train-data", str(demo / "judge_train.jsonl"),
-        "--judge-max-prefix-chars", str(MAX_PREFIX_CHARS), "--judge-sft-tasks", tasks,
+        "--judge-max-prefix-chars", str(MAX_PREFIX_CHARS), "--judge-train-tasks", tasks,
         "--micro-batch-size", "8", "--train-iters", str(iters), "--lr", "3e-3",
         "--min-lr", "3e-4", "--lr-warmup-iters", "20", "--lr-decay-style", "cosine",
         "--clip-grad", "1.0", "--log-interval", "50", "--save", str(root),

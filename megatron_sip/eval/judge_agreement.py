@@ -5,17 +5,26 @@
 
 Verdicts: safe when P(safe) > 0.5, factual when the factuality score is 1 (every claim
 supported), and for pairwise tasks the candidate the judge prefers (both orders averaged).
-Prints one JSON object: accuracy per task (pairwise split by corruption), counts, missing scores.
+Prints one JSON object: accuracy per task (pairwise split by corruption), counts, missing scores,
+and with --appeal-families how far appeals move the safety verdicts (eval/appeals.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
+from megatron_sip.arguments import LaunchConfig, parse_args, reject_set_flags
+from megatron_sip.data.appeals import parse_families
+from megatron_sip.errors import ConfigError, exits_on_bad_input
+from megatron_sip.eval.appeals import appeal_robustness
+from megatron_sip.initialize import destroy_distributed, initialize_distributed
 from megatron_sip.roles.base import Judge
+from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
 
 
 def judge_accuracy(judge: Judge, examples: Sequence[dict], factual_at: float = 1.0) -> dict:
@@ -50,22 +59,74 @@ def judge_accuracy(judge: Judge, examples: Sequence[dict], factual_at: float = 1
     }
 
 
+@dataclasses.dataclass
+class AgreementConfig:
+    """What ``python -m megatron_sip.eval.judge_agreement`` measures."""
+
+    examples: Optional[str] = None
+    """Labelled judging tasks (jsonl, the judge_val.jsonl schema)."""
+
+    appeal_families: str = ""
+    """Also measure appeals of these families (comma-separated, data/appeals.py) on the safety
+    tasks: key 'appeals' of the output (eval/appeals.py)."""
+
+    appeal_rows: int = 120
+    """Safety tasks the appeals are put in (0: all)."""
+
+    output: Optional[str] = None
+    """Also write the JSON here."""
+
+    seed: int = 1234
+    """Seed of the appeals' wording and of the colocated judge's process group."""
+
+
+@dataclasses.dataclass
+class AgreementJobConfig(LaunchConfig):
+    """Every setting of ``python -m megatron_sip.eval.judge_agreement``."""
+
+    judge: JudgeConfig
+    agreement: AgreementConfig
+
+    def validate(self, world_size: int) -> None:
+        if not self.agreement.examples:
+            raise ConfigError("--examples", "required: the labelled judging tasks")
+        try:
+            parse_families(self.agreement.appeal_families, "--appeal-families")
+        except ValueError as error:
+            raise ConfigError("--appeal-families", str(error).split(": ", 1)[1]) from None
+        if self.judge.judge_backend != "megatron":
+            reason = "only a colocated (megatron) judge runs on a device and ranks"
+            reject_set_flags(self.parallel, None, reason)
+            reject_set_flags(self.platform, None, reason)
+
+
+@exits_on_bad_input
 def main(argv=None) -> None:
-    import argparse
-
-    from megatron_sip.arguments import add_config_arguments, config_from_namespace
-    from megatron_sip.roles.config import JudgeConfig, build_judge
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--examples", required=True, help="labelled judging tasks (jsonl)")
-    add_config_arguments(parser, JudgeConfig, "judge")
-    args = parser.parse_args(argv)
-    judge = build_judge(config_from_namespace(JudgeConfig, args))
-    examples = [json.loads(line) for line in Path(args.examples).read_text().splitlines()]
-    print(json.dumps(judge_accuracy(judge, examples), sort_keys=True))
-    judge.close()
+    configs = parse_args(argv, AgreementJobConfig, description=__doc__)
+    config = configs.agreement
+    colocated = configs.judge.judge_backend == "megatron"
+    rank, roles = 0, RoleContext()
+    if colocated:  # the judge may be model-parallel: one process per rank under torchrun
+        context = initialize_distributed(configs.parallel, configs.platform.device, config.seed)
+        rank, roles = context.rank, RoleContext(configs.parallel, context.pg_collection)
+    judge = build_judge(configs.judge, roles)
+    examples = [json.loads(line) for line in Path(config.examples).read_text().splitlines()]
+    try:
+        report = judge_accuracy(judge, examples)
+        families = parse_families(config.appeal_families, "--appeal-families")
+        if families:
+            report["appeals"] = appeal_robustness(
+                judge, examples, families, max_rows=config.appeal_rows, seed=config.seed
+            )
+    finally:
+        judge.close()
+    if rank == 0:
+        text = json.dumps(report, sort_keys=True)
+        if config.output:
+            Path(config.output).write_text(text + "\n")
+        print(text)
+    if colocated:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

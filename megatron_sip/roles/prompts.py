@@ -411,7 +411,7 @@ class PromptedJudge(Judge):
     (text fused into one of the candidate's sentences, with no sentence end between them, is
     left to the judge's training). Each candidate costs about k times its sentence count in
     prompts, and content is judged in the context of the prefix and at most k sentences (train
-    the judge on such runs: ``judge_sft --judge-sft-window-rate``). 0: judge the whole candidate
+    the judge on such runs: ``--judge-window-rate`` of judge training). 0: judge the whole candidate
     once."""
 
     def __init__(

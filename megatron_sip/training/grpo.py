@@ -47,6 +47,10 @@ class GRPOConfig:
     grpo_kl_coef: float = 0.0
     """Weight of the KL penalty to the frozen start (the SFT model); 0 adds none."""
 
+    grpo_updates_per_batch: int = 1
+    """Optimizer steps taken on each batch of generations (GRPO's mu). The first is on-policy
+    (the ratio is 1); later ones are where --grpo-clip-epsilon bounds the ratio."""
+
     def __post_init__(self):
         require_positive("--grpo-group-size", self.grpo_group_size)
         if self.grpo_group_size < 2:
@@ -57,6 +61,7 @@ class GRPOConfig:
             raise ConfigError("--grpo-top-p", f"must be in (0, 1], got {self.grpo_top_p}")
         if self.grpo_clip_epsilon <= 0:
             raise ConfigError("--grpo-clip-epsilon", "must be positive")
+        require_positive("--grpo-updates-per-batch", self.grpo_updates_per_batch)
         if self.grpo_kl_coef < 0:
             raise ConfigError("--grpo-kl-coef", "must be >= 0")
 

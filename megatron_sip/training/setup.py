@@ -127,10 +127,14 @@ def setup_model_and_optimizer(
     )
 
 
-def resume(checkpoint: CheckpointConfig, job: TrainingSetup) -> TrainState:
+def resume(
+    checkpoint: CheckpointConfig, job: TrainingSetup, extra_modules: Optional[dict] = None
+) -> TrainState:
     """State to start from: --load's checkpoint (its weights only with --finetune), else the
     weights of --pretrained-checkpoint, else a fresh model. A --load that cannot be what was
-    meant (see :func:`~megatron_sip.models.checkpointing.find_checkpoint`) is a ConfigError."""
+    meant (see :func:`~megatron_sip.models.checkpointing.find_checkpoint`) is a ConfigError.
+    ``extra_modules`` ({key: module} a trainer saves beside the model) are restored only when
+    resuming (the state's iteration is then > 0)."""
     if find_checkpoint(checkpoint) is not None:
         source, finetune = checkpoint.load, checkpoint.finetune
     elif checkpoint.pretrained_checkpoint:
@@ -148,6 +152,8 @@ def resume(checkpoint: CheckpointConfig, job: TrainingSetup) -> TrainState:
     options = resume_options(checkpoint) if source == checkpoint.load else {}
     if finetune:
         options.update(load_optim=False, load_rng=False)
+    else:
+        options.update(extra_modules=extra_modules)
     loaded = load_checkpoint(source, job.model_chunks, job.optimizer, job.scheduler, **options)
     if finetune:
         flag = "--finetune" if source == checkpoint.load else "--pretrained-checkpoint"
