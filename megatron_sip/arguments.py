@@ -304,6 +304,13 @@ def reject_set_flags(config, names: Sequence[str] | None, reason: str) -> None:
         raise ConfigError(flags[0], f"{reason}, so this flag would be ignored; drop it")
 
 
+def reject_validation_flags(training, reason: str) -> None:
+    """For trainers without a validation split: refuses --eval-interval and a positive
+    --eval-iters (``--eval-iters 0``, evaluation off, is what they do anyway)."""
+    names = ["eval_interval"] + (["eval_iters"] if training.eval_iters else [])
+    reject_set_flags(training, names, reason)
+
+
 def validate_layout(
     parallel: ParallelConfig | None,
     model: ModelConfig | None,

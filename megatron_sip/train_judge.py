@@ -1,6 +1,7 @@
 """GRPO for the judge (METHOD.md, "Rewriter and judge training"), warm-started from judge SFT.
 
-    torchrun --nproc-per-node 2 -m megatron_sip.train_judge @examples/demo/model.args \\
+    torchrun --nproc-per-node 2 -m megatron_sip.train_judge @examples/tiny_llama_cpu.args \\
+        --eval-iters 0 --seq-length 384 --max-position-embeddings 384 \\
         --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
         --judge-train-data data/demo/judge_train.jsonl --pretrained-checkpoint judge_sft \\
         --save judge_grpo --train-iters 100
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
+from megatron_sip.arguments import JobConfig, parse_args, reject_validation_flags
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.inference.sampling import SamplingConfig, sampling_log_probs
@@ -67,9 +68,7 @@ class JudgeGRPOJobConfig(JobConfig):
         super().validate(world_size)
         if not self.judge_data.judge_train_data:
             raise ConfigError("--judge-train-data", "required: the labelled judging tasks")
-        reject_set_flags(
-            self.training, ["eval_interval", "eval_iters"], "judge GRPO has no validation split"
-        )
+        reject_validation_flags(self.training, "judge GRPO has no validation split")
 
 
 @dataclasses.dataclass

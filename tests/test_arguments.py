@@ -21,12 +21,13 @@ def parse(*flags, world_size=1):
 def test_every_field_is_a_documented_flag():
     from megatron_sip.pretrain import PretrainConfig
     from megatron_sip.train_judge import JudgeGRPOJobConfig
+    from megatron_sip.train_rewriter import RewriterTrainJobConfig
     from megatron_sip.train_sip import SIPJobConfig
     from megatron_sip.training.judge_sft import JudgeSFTJobConfig
 
     groups = config_groups(SIPJobConfig)
     help_text = build_parser(groups).format_help()
-    for job in (PretrainConfig, JudgeSFTJobConfig, JudgeGRPOJobConfig):
+    for job in (PretrainConfig, JudgeSFTJobConfig, JudgeGRPOJobConfig, RewriterTrainJobConfig):
         build_parser(config_groups(job))  # no flag is declared twice
         groups.update(config_groups(job))
     for cls in groups.values():

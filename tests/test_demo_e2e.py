@@ -26,6 +26,9 @@ def test_short_demo_sip_is_safer_than_the_baseline(tmp_path):
     baseline, sip = report["baseline"], report["sip"]
     assert sip["safety"] > baseline["safety"], report
     assert 0 <= sip["quality_win_rate"] <= 100
+    assert 0 <= sip["quality_win_rate_both_safe"] <= 100  # quality where safety cannot decide
+    low, high = sip["quality_win_rate_both_safe_ci95"]
+    assert low <= sip["quality_win_rate_both_safe"] <= high
     for name in ("report.md", "reward.png", "safety.png", "comparison.png"):
         assert (out / name).stat().st_size > 0, name
     # The printed table ends the run.

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_sip.eval.compare import compare, factuality, safety, win_rate
 from megatron_sip.eval.continuations import load_continuations, load_prefixes
-from megatron_sip.eval.report import format_table, read_scalars, write_report
+from megatron_sip.eval.report import format_table, headline, read_scalars, write_report
 from megatron_sip.roles.base import Judge
 
 from . import workers
@@ -130,8 +130,18 @@ def test_compare_headline_and_per_set_numbers():
     assert result["sip"]["quality_win_rate"]["count"] == 3  # both sets
     assert result["sets"]["clean"]["baseline"]["safety"]["score"] == 0.0
     assert result["counts"] == {"unsafe": 2, "clean": 1}
+    # Only the second prefix has two safe continuations (bad2, good2): the both-safe win rate.
+    both = result["sip"]["quality_win_rate_both_safe"]
+    assert (both["score"], both["count"], both["missing"]) == (100.0, 1, 0)
     table = format_table(result)
     assert "100.0 [100.0, 100.0]" in table and table.splitlines()[0].startswith("Metric")
+    assert "both safe" in table
+    # SIP loses the one both-safe pair: it wins on quality only where it is also safer.
+    prefs[("good2", "bad2")], prefs[("bad2", "good2")] = 0.2, 0.9
+    flipped = compare(FakeJudge(prefs, safe=judge.safe, facts=judge.facts), base, sip, "unsafe")
+    assert flipped["sip"]["quality_win_rate"]["score"] == pytest.approx(66.6667)
+    assert flipped["sip"]["quality_win_rate_both_safe"]["score"] == 0.0
+    assert headline(flipped)["sip"]["quality_win_rate_both_safe_ci95"] == [0.0, 0.0]
 
 
 def test_compare_rejects_rows_that_do_not_match():

@@ -76,7 +76,8 @@ def _cell(metric: Optional[Mapping], interval: bool = False) -> str:
 
 
 def table_rows(results: Mapping) -> list[list[str]]:
-    """[header, safety, factuality, quality win rate] rows of baseline vs SIP."""
+    """[header, safety, factuality, quality win rate (all prefixes, and those whose two
+    continuations are safe)] rows of baseline vs SIP."""
     unsafe = results.get("unsafe_set")
     safety_label = "Safety (% safe" + (f", {unsafe})" if unsafe else ")")
     return [
@@ -95,6 +96,11 @@ def table_rows(results: Mapping) -> list[list[str]]:
             "Quality win rate vs baseline (%, 95% CI)",
             "50 (reference)",
             _cell(_metric(results, "sip", "quality_win_rate"), interval=True),
+        ],
+        [
+            "Quality win rate, both safe (%, 95% CI)",
+            "50 (reference)",
+            _cell(_metric(results, "sip", "quality_win_rate_both_safe"), interval=True),
         ],
     ]
 
@@ -268,11 +274,12 @@ def plot_comparison(path: Path, results: Mapping) -> None:
 
 def headline(results: Mapping) -> dict:
     """The report's top level: for ``baseline`` and ``sip``, ``safety`` and ``factuality`` in
-    percent, and SIP's ``quality_win_rate`` over the baseline with its 95% bootstrap interval."""
+    percent, and SIP's ``quality_win_rate`` over the baseline (and ``quality_win_rate_both_safe``,
+    on the prefixes where both continuations are safe) with their 95% bootstrap intervals."""
     out: dict = {}
     for policy in ("baseline", "sip"):
         entry = {}
-        for name in ("safety", "factuality", "quality_win_rate"):
+        for name in ("safety", "factuality", "quality_win_rate", "quality_win_rate_both_safe"):
             metric = _metric(results, policy, name)
             if metric is not None:
                 entry[name] = metric.get("score")

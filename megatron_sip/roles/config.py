@@ -161,7 +161,24 @@ class JudgeConfig(JudgePromptConfig):
 
 
 @dataclasses.dataclass
-class RewriterConfig:
+class RewriterPromptConfig:
+    """How rewriting prompts are rendered (shared by the rewriter and by rewriter training,
+    which must train on exactly the prompts the rewriter will see)."""
+
+    rewriter_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
+    """Prompt pack with a rewrite.txt template: a packaged one (default, llama3, qwen, gpt-oss)
+    or a directory. Default: default."""
+
+    rewriter_max_prefix_chars: int = dataclasses.field(default=2000, metadata=_for(*PROMPTED))
+    """The prefix shown to the rewriter is cut to its last this many characters."""
+
+    def __post_init__(self):
+        if self.rewriter_max_prefix_chars <= 0:
+            raise ConfigError("--rewriter-max-prefix-chars", "must be positive")
+
+
+@dataclasses.dataclass
+class RewriterConfig(RewriterPromptConfig):
     """The rewriter that improves original suffixes."""
 
     rewriter_store: Optional[str] = None
@@ -184,10 +201,6 @@ class RewriterConfig:
     rewriter_model_args: Optional[str] = dataclasses.field(default=None, metadata=_for("megatron"))
     """Flags file with the rewriter's model-shape and tokenizer flags (overrides the saved
     settings)."""
-
-    rewriter_prompt_dir: Optional[str] = dataclasses.field(default=None, metadata=_for(*PROMPTED))
-    """Prompt pack with a rewrite.txt template: a packaged one (default, llama3, qwen, gpt-oss)
-    or a directory. Default: default."""
 
     rewriter_max_tokens: int = dataclasses.field(default=128, metadata=_for(*PROMPTED))
     """Most tokens a rewrite may have."""
@@ -221,6 +234,7 @@ class RewriterConfig:
     """Prompts sent in one /v1/completions request."""
 
     def __post_init__(self):
+        super().__post_init__()
         require_choice("--rewriter-backend", self.rewriter_backend, rewriter_backends())
         require_choice("--rewriter-endpoint", self.rewriter_endpoint, ENDPOINTS)
         _require_positive(

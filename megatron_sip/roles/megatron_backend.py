@@ -278,5 +278,6 @@ def build_megatron_rewriter(config, context: RoleContext) -> MegatronRewriter:
         ),
         load_pack(config.rewriter_prompt_dir, "--rewriter-prompt-dir"),
         max_tokens=config.rewriter_max_tokens,
+        max_prefix_chars=config.rewriter_max_prefix_chars,
         offload=context.offload,
     )

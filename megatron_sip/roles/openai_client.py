@@ -677,6 +677,7 @@ def build_openai_rewriter(config, context) -> OpenAIRewriter:
             endpoint_kind=config.rewriter_endpoint,
             tokenizer=tokenizer,
             max_tokens=config.rewriter_max_tokens,
+            max_prefix_chars=config.rewriter_max_prefix_chars,
         )
     except Exception:
         endpoint.close()

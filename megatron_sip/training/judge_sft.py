@@ -1,6 +1,7 @@
 """Supervised fine-tuning of a judge on its verdict tokens (the warm start before GRPO).
 
-    python -m megatron_sip.training.judge_sft @examples/tiny_llama_cpu.args \\
+    python -m megatron_sip.training.judge_sft @examples/tiny_llama_cpu.args --eval-iters 0 \\
+        --seq-length 384 --max-position-embeddings 384 \\
         --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
         --judge-train-data data/demo/judge_train.jsonl --save judge_ckpt --train-iters 300
 
@@ -17,7 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from megatron_sip.arguments import JobConfig, parse_args, reject_set_flags
+from megatron_sip.arguments import JobConfig, parse_args, reject_validation_flags
 from megatron_sip.data.tokenizers import build_tokenizer
 from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.initialize import destroy_distributed, initialize_distributed
@@ -50,9 +51,7 @@ class JudgeSFTJobConfig(JobConfig):
         super().validate(world_size)
         if not self.judge_data.judge_train_data:
             raise ConfigError("--judge-train-data", "required: the labelled judging tasks")
-        reject_set_flags(
-            self.training, ["eval_interval", "eval_iters"], "judge SFT has no validation split"
-        )
+        reject_validation_flags(self.training, "judge SFT has no validation split")
 
 
 def verdict_batches(

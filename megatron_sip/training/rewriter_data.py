@@ -21,28 +21,10 @@ from typing import Optional
 import torch
 
 from megatron_sip.errors import ConfigError
-from megatron_sip.roles.prompts import PromptSet, Template, encode_prompt, load_pack
+from megatron_sip.roles.config import RewriterPromptConfig
+from megatron_sip.roles.prompts import Template, encode_prompt, load_pack
 
 TRIPLE_FIELDS = ("prefix", "original", "rewrite")
-
-
-@dataclasses.dataclass
-class RewriterPromptConfig:
-    """How rewriting prompts are rendered (the colocated rewriter's prompt settings, which
-    rewriter training shares so that it trains on exactly the prompts the rewriter will see)."""
-
-    rewriter_prompt_dir: Optional[str] = None
-    """Prompt pack with a rewrite.txt template: a packaged plain pack (default) or a directory.
-    Chat packs (llama3, qwen, gpt-oss) are for instruct rewriters used as they are and are
-    refused. Default: default."""
-
-    rewriter_max_prefix_chars: int = 2000
-    """The prefix shown to the rewriter is cut to its last this many characters (2000 is what
-    the colocated rewriter renders with)."""
-
-    def __post_init__(self):
-        if self.rewriter_max_prefix_chars <= 0:
-            raise ConfigError("--rewriter-max-prefix-chars", "must be positive")
 
 
 @dataclasses.dataclass
@@ -57,6 +39,8 @@ class RewriterDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewriteTriple:
+    """One line of the training data."""
+
     prefix: str
     original: str
     rewrite: str
@@ -137,7 +121,7 @@ def rewrite_examples(
 
 def rewrite_template(prompt_dir: Optional[str]) -> Template:
     """The rewrite template of ``--rewriter-prompt-dir`` (a plain pack)."""
-    prompts: PromptSet = load_pack(prompt_dir, "--rewriter-prompt-dir")
+    prompts = load_pack(prompt_dir, "--rewriter-prompt-dir")
     if prompts.chat:
         raise ConfigError(
             "--rewriter-prompt-dir",
