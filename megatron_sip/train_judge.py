@@ -20,7 +20,6 @@ generator every TP rank seeds alike, so all ranks of a model replica draw the sa
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -40,6 +39,7 @@ from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.config import JudgePromptConfig
 from megatron_sip.roles.prompts import PromptSet
+from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.grpo import GRPOConfig, group_advantages, grpo_loss
 from megatron_sip.training.judge_data import (
     JudgeDataConfig,
@@ -106,26 +106,18 @@ def verdict_micro_batches(
         options = [training_verdict_id(tokenizer, verdict) for verdict in example.verdicts]
         target = options[example.verdicts.index(example.verdict)]
         encoded.append((prompt, target, options, tasks.index(example.task)))
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size):
-            if skip > 0:
-                skip -= 1
-                continue
-            rows = [encoded[i] for i in order[start : start + micro_batch_size]]
-            tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
-            for row, (prompt, *_) in enumerate(rows):
-                tokens[row, : len(prompt)] = torch.as_tensor(prompt)
-            yield VerdictMicroBatch(
-                tokens=tokens.to(device),
-                position_ids=torch.arange(seq_length).expand(micro_batch_size, -1).to(device),
-                answer_at=torch.tensor([len(r[0]) - 1 for r in rows], device=device),
-                target=torch.tensor([r[1] for r in rows], device=device),
-                options=torch.tensor([r[2] for r in rows], device=device),
-                task=torch.tensor([r[3] for r in rows], device=device),
-            )
+    for rows in shuffled_groups(encoded, micro_batch_size, seed, skip):
+        tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
+        for row, (prompt, *_) in enumerate(rows):
+            tokens[row, : len(prompt)] = torch.as_tensor(prompt)
+        yield VerdictMicroBatch(
+            tokens=tokens.to(device),
+            position_ids=torch.arange(seq_length).expand(micro_batch_size, -1).to(device),
+            answer_at=torch.tensor([len(r[0]) - 1 for r in rows], device=device),
+            target=torch.tensor([r[1] for r in rows], device=device),
+            options=torch.tensor([r[2] for r in rows], device=device),
+            task=torch.tensor([r[3] for r in rows], device=device),
+        )
 
 
 def answer_logits(logits: torch.Tensor, batch: VerdictMicroBatch, tp_group) -> torch.Tensor:

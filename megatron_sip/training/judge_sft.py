@@ -13,7 +13,6 @@ see followed by its verdict token; the loss is the NLL of that one token. GRPO
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from megatron_sip.models.checkpointing import megatron_lm_args
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.config import JudgePromptConfig
 from megatron_sip.roles.prompts import PromptSet
+from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.judge_data import (
     JudgeDataConfig,
     VerdictExample,
@@ -72,31 +72,23 @@ def verdict_batches(
         verdict_id = training_verdict_id(tokenizer, example.verdict)
         prompt = tokenizer.tokenize(example.prompt)[-(seq_length - 1) :]
         encoded.append(prompt + [verdict_id])
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size):
-            if skip > 0:  # trained on before the resume: only its place in the order matters
-                skip -= 1
-                continue
-            rows = [encoded[i] for i in order[start : start + micro_batch_size]]
-            tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
-            labels = torch.zeros_like(tokens)
-            loss_mask = torch.zeros(micro_batch_size, seq_length)
-            for row, ids in enumerate(rows):
-                ids = torch.as_tensor(ids)
-                tokens[row, : len(ids) - 1] = ids[:-1]
-                labels[row, : len(ids) - 1] = ids[1:]
-                loss_mask[row, len(ids) - 2] = 1.0
-            positions = torch.arange(seq_length).expand(micro_batch_size, -1)
-            batch = {
-                "tokens": tokens,
-                "labels": labels,
-                "loss_mask": loss_mask,
-                "position_ids": positions,
-            }
-            yield {k: v.to(device) if device is not None else v for k, v in batch.items()}
+    for rows in shuffled_groups(encoded, micro_batch_size, seed, skip):
+        tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
+        labels = torch.zeros_like(tokens)
+        loss_mask = torch.zeros(micro_batch_size, seq_length)
+        for row, ids in enumerate(rows):
+            ids = torch.as_tensor(ids)
+            tokens[row, : len(ids) - 1] = ids[:-1]
+            labels[row, : len(ids) - 1] = ids[1:]
+            loss_mask[row, len(ids) - 2] = 1.0
+        positions = torch.arange(seq_length).expand(micro_batch_size, -1)
+        batch = {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": positions,
+        }
+        yield {k: v.to(device) if device is not None else v for k, v in batch.items()}
 
 
 @exits_on_bad_input

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ import torch
 from megatron_sip.errors import ConfigError
 from megatron_sip.roles.config import RewriterPromptConfig
 from megatron_sip.roles.prompts import Template, encode_prompt, load_pack
+from megatron_sip.training.epochs import shuffled_groups
 
 TRIPLE_FIELDS = ("prefix", "original", "rewrite")
 
@@ -207,17 +207,9 @@ def rewrite_batches(
 
 
 def _endless_batches(encoded, seq_length, micro_batch_size, seed, device, skip) -> Iterator[dict]:
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size):
-            if skip > 0:  # trained on before the resume: only its place in the order matters
-                skip -= 1
-                continue
-            rows = [encoded[i] for i in order[start : start + micro_batch_size]]
-            batch = _micro_batch(rows, seq_length)
-            yield {k: v.to(device) if device is not None else v for k, v in batch.items()}
+    for rows in shuffled_groups(encoded, micro_batch_size, seed, skip):
+        batch = _micro_batch(rows, seq_length)
+        yield {k: v.to(device) if device is not None else v for k, v in batch.items()}
 
 
 def _micro_batch(rows: Sequence[EncodedRewrite], seq_length: int) -> dict:

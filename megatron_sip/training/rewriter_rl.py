@@ -15,7 +15,6 @@ none), with log-probabilities at the sampling temperature.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -32,6 +31,7 @@ from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Judge, score_present
 from megatron_sip.roles.prompts import encode_prompt
 from megatron_sip.roles.rewards import context_is_safe, rewriter_reward
+from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.grpo import GRPOConfig, group_advantages, grpo_loss
 from megatron_sip.training.loop import StepOutput, Trainer, TrainState
 from megatron_sip.training.rewriter_data import RewriteExample
@@ -88,15 +88,7 @@ def prompt_batches(
     those a resumed run has used)."""
     if len(prompts) < count:
         raise ConfigError("--micro-batch-size", f"{count} is more than the {len(prompts)} prompts")
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(prompts)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - count + 1, count):
-            if skip > 0:
-                skip -= 1
-                continue
-            yield [prompts[i] for i in order[start : start + count]]
+    return shuffled_groups(prompts, count, seed, skip)
 
 
 def rewrite_lengths(
