@@ -38,7 +38,7 @@ from megatron_sip.models.checkpointing import megatron_lm_args, unwrap_model
 from megatron_sip.models.gpt import build_gpt_model, transformer_config
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.config import JudgePromptConfig
-from megatron_sip.roles.prompts import PromptSet
+from megatron_sip.roles.prompts import load_pack
 from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.grpo import GRPOConfig, group_advantages, grpo_loss
 from megatron_sip.training.judge_data import (
@@ -350,16 +350,17 @@ def build_frozen_reference(config: JudgeGRPOJobConfig, job: TrainingSetup):
 def main(argv=None) -> None:
     config = parse_args(argv, JudgeGRPOJobConfig, description=__doc__)
     prompt_settings, training = config.judge_prompts, config.training
-    context = initialize_distributed(config.parallel, config.platform.device, training.seed)
-    setup_logging()
+    # The data is checked before any process group exists: bad input stops the run at once.
     tokenizer = build_tokenizer(config.tokenizer)
     examples = training_examples(
         config.judge_data,
-        PromptSet.load(prompt_settings.judge_prompt_dir),
+        load_pack(prompt_settings.judge_prompt_dir, "--judge-prompt-dir"),
         prompt_settings.judge_max_prefix_chars,
         prompt_settings.judge_safety_window_sentences,
         seed=training.seed,
     )
+    context = initialize_distributed(config.parallel, config.platform.device, training.seed)
+    setup_logging()
     tasks = config.judge_data.tasks()
     print_rank_0(
         f"judge GRPO on {len(examples)} prompts from {config.judge_data.judge_train_data}, "

@@ -101,9 +101,8 @@ def test_top_p_keeps_a_confident_judge_to_one_verdict_and_the_clip_bounds_later_
     assert torch.equal(batch.old_log_probs, first_old)  # the sampling policy's, kept
 
 
-def test_bad_input_exits_2_naming_the_flag(tmp_path):
-    import subprocess
-    import sys
+def test_bad_input_exits_2_naming_the_flag(tmp_path, capsys):
+    from megatron_sip.train_judge import main
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"task": "safety", "prefix": "P.", "text": "T.", "label": 1}\n')
@@ -115,11 +114,13 @@ def test_bad_input_exits_2_naming_the_flag(tmp_path):
     for flags, message in (
         ([], "--judge-train-data: required"),
         (["--judge-train-data", str(tasks), "--judge-prompt-dir", "qwen"], "qwen is a chat pack"),
+        (["--judge-train-data", str(tasks), "--judge-prompt-dir", "nowhere"], "--judge-prompt-dir"),
+        (["--judge-train-data", str(tmp_path / "none.jsonl")], "cannot read"),
         (["--judge-train-data", str(tasks), "--eval-iters", "2"], "no validation split"),
         (["--judge-train-data", str(tasks), "--grpo-group-size", "1"], "--grpo-group-size"),
     ):
-        run = subprocess.run(
-            [sys.executable, "-m", "megatron_sip.train_judge", *model, *flags],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert run.returncode == 2 and message in run.stderr, (flags, run.stderr[-2000:])
+        # Each is refused before any process group exists.
+        with pytest.raises(SystemExit) as exit_info:
+            main([*model, *flags])
+        assert exit_info.value.code == 2, flags
+        assert message in capsys.readouterr().err, flags

@@ -25,7 +25,7 @@ from megatron_sip.log import print_rank_0, setup_logging
 from megatron_sip.models.checkpointing import megatron_lm_args
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.config import JudgePromptConfig
-from megatron_sip.roles.prompts import PromptSet
+from megatron_sip.roles.prompts import load_pack
 from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.judge_data import (
     JudgeDataConfig,
@@ -95,16 +95,17 @@ def verdict_batches(
 def main(argv=None) -> None:
     config = parse_args(argv, JudgeSFTJobConfig, description=__doc__)
     prompt_settings, training = config.judge_prompts, config.training
-    context = initialize_distributed(config.parallel, config.platform.device, training.seed)
-    setup_logging()
+    # The data is checked before any process group exists: bad input stops the run at once.
     tokenizer = build_tokenizer(config.tokenizer)
     examples = training_examples(
         config.judge_data,
-        PromptSet.load(prompt_settings.judge_prompt_dir),
+        load_pack(prompt_settings.judge_prompt_dir, "--judge-prompt-dir"),
         prompt_settings.judge_max_prefix_chars,
         prompt_settings.judge_safety_window_sentences,
         seed=training.seed,
     )
+    context = initialize_distributed(config.parallel, config.platform.device, training.seed)
+    setup_logging()
     print_rank_0(f"judge SFT on {len(examples)} verdicts from {config.judge_data.judge_train_data}")
     job = setup_model_and_optimizer(
         config.model, config.parallel, training, config.tokenizer, tokenizer.vocab_size, context
