@@ -8,7 +8,7 @@ CPU_TORCH := torch==2.13.0
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo demo-ablation test test-fast lint format clean
+.PHONY: install demo demo-learned demo-ablation test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ endif
 # NLL vs SIP continual pretraining -> held-out evaluation -> runs/demo/report.md (and .json, PNGs).
 demo: $(STAMP)
 	$(PY) tools/run_demo.py --output-dir runs/demo
+
+# The same, and SIP with a learned judge (SFT, GRPO) and rewriter (SFT, RL), graded by the oracle.
+demo-learned: $(STAMP)
+	$(PY) tools/run_demo.py --output-dir runs/demo --learned-roles
 
 # SFT on rewrites, RF-NLL, online DPO with 1 and with K rollouts, each against the same baseline.
 demo-ablation: $(STAMP)

@@ -87,6 +87,35 @@ def test_held_out_families_never_reach_the_training_data():
         JudgeDataConfig(judge_held_out_appeals="authority,flattery")
 
 
+def test_prefix_swap_decouples_the_prefix_from_the_safety_label():
+    from megatron_sip.training.judge_data import JudgeDataConfig, verdict_examples
+
+    # Unsafe candidates come after toxic prefixes, safe ones after clean ones: the shortcut.
+    examples = [
+        {"task": "safety", "prefix": "Toxic rant." if i % 2 else "Clean text.",
+         "text": f"Candidate {i}.", "label": 1 - i % 2}
+        for i in range(400)
+    ]  # fmt: skip
+    examples.append(
+        {"task": "factuality", "prefix": "Fact prefix.", "text": "A claim.", "label": 1}
+    )
+
+    def toxic_share(made, verdict):
+        rows = [e for e in made if e.task == "safety" and e.verdict == verdict]
+        return sum("Toxic rant." in e.prompt for e in rows) / len(rows)
+
+    plain = verdict_examples(examples, PromptSet.load(), 300, seed=1)
+    assert toxic_share(plain, "[[UNSAFE]]") == 1.0 and toxic_share(plain, "[[SAFE]]") == 0.0
+    swapped = verdict_examples(examples, PromptSet.load(), 300, seed=1, prefix_swap_rate=1.0)
+    # Each prefix is drawn from every safety task's: about half toxic, whatever the label.
+    assert 0.4 < toxic_share(swapped, "[[SAFE]]") < 0.6
+    assert 0.4 < toxic_share(swapped, "[[UNSAFE]]") < 0.6
+    assert [e.verdict for e in swapped] == [e.verdict for e in plain]  # labels unchanged
+    assert "Fact prefix." in swapped[-1].prompt  # only safety tasks are swapped
+    with pytest.raises(ConfigError, match="--judge-prefix-swap-rate: must be in"):
+        JudgeDataConfig(judge_prefix_swap_rate=1.5)
+
+
 def test_bad_judging_tasks_are_named_by_file_and_line(tmp_path):
     from megatron_sip.training.judge_data import read_tasks
 

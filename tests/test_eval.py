@@ -9,8 +9,20 @@ import pytest
 
 from megatron_sip.eval.compare import compare, factuality, safety, win_rate
 from megatron_sip.eval.continuations import load_continuations, load_prefixes
-from megatron_sip.eval.report import format_table, headline, read_scalars, write_report
-from megatron_sip.roles.base import Judge
+from megatron_sip.eval.judge_agreement import first_per_task
+from megatron_sip.eval.report import (
+    ablation_orderings,
+    ablation_summary,
+    ablation_table,
+    format_table,
+    headline,
+    read_scalars,
+    roles_summary,
+    write_report,
+)
+from megatron_sip.eval.rewriter_quality import evenly_spaced, rewriter_quality
+from megatron_sip.roles.base import Judge, Rewriter
+from megatron_sip.training.rewriter_data import RewriteTriple
 
 from . import workers
 from .distributed import run_ranks
@@ -227,6 +239,167 @@ def test_write_report_with_missing_tags(tmp_path):
     # Nothing logged at all still gives every file.
     write_report(tmp_path / "bare", {}, {}, {})
     assert len(list((tmp_path / "bare").iterdir())) == 5
+
+
+def test_report_with_learned_roles_has_their_column_keys_and_tables(tmp_path):
+    def run(safety, win, both_safe):
+        return {
+            "baseline": {"safety": {"score": 40.0}, "factuality": {"score": 80.0}},
+            "sip": {
+                "safety": {"score": safety},
+                "factuality": {"score": 85.0},
+                "quality_win_rate": {"score": win, "ci95": [win - 5, win + 5]},
+                "quality_win_rate_both_safe": {"score": both_safe, "ci95": [both_safe - 6, 60.0]},
+            },
+            "judge": "oracle",
+        }
+
+    judge_sft = {
+        "accuracy": {"safety": 0.9, "factuality": 0.6, "pairwise/repeated": 1.0,
+                     "pairwise/shuffled": 0.5},
+        "count": {"safety": 10, "factuality": 10, "pairwise/repeated": 3,
+                  "pairwise/shuffled": 1},
+    }  # fmt: skip
+    judge = {
+        "accuracy": {"safety": 0.95, "factuality": 0.7, "pairwise/repeated": 1.0,
+                     "pairwise/shuffled": 0.0},
+        "count": {"safety": 10, "factuality": 10, "pairwise/repeated": 1,
+                  "pairwise/shuffled": 3},
+        "appeals": {"variants": {"authority/after/glued": {
+            "accuracy": 0.9, "mean_rise_on_unsafe": 0.01, "max_rise": 0.3,
+            "unsafe_flipped_to_safe": 1, "unsafe": 4}}},
+    }  # fmt: skip
+    rewriter = {"copy_rate": 0.8, "rewrite_safety": 0.5, "original_safety": 0.0}
+    roles = roles_summary(
+        judge={"sft": judge_sft, "grpo": judge},
+        rewriter={"sft": {"copy_rate": 0.2, "rewrite_safety": 0.9}, "rl": rewriter},
+    )
+    # Pairwise accuracy pools the corruptions by their counts: (1 * 1 + 0 * 3) / 4.
+    assert roles["judge"]["accuracy"] == {"safety": 0.95, "pairwise": 0.25, "factuality": 0.7}
+    assert roles["judge"]["accuracy_after_sft"]["pairwise"] == 0.875
+    assert roles["rewriter"]["copy_rate"] == 0.8 and roles["rewriter"]["rewrite_safety"] == 0.5
+    assert roles["rewriter"]["after_sft"]["copy_rate"] == 0.2
+
+    write_report(
+        tmp_path, run(90.0, 60.0, 55.0), {}, {}, learned=run(70.0, 45.0, 40.0), roles=roles
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sip"]["safety"] == 90.0
+    assert report["sip_learned"] == {
+        "safety": 70.0,
+        "factuality": 85.0,
+        "quality_win_rate": 45.0,
+        "quality_win_rate_ci95": [40.0, 50.0],
+        "quality_win_rate_both_safe": 40.0,
+        "quality_win_rate_both_safe_ci95": [34.0, 60.0],
+    }
+    assert report["roles"]["judge"]["accuracy"]["pairwise"] == 0.25
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Metric | Baseline | SIP (oracle roles) | SIP (learned roles) |" in markdown
+    assert "| Safety (% safe) | 40.0 | 90.0 | 70.0 |" in markdown
+    assert (
+        "| Trained with (judge, rewriter) | none (NLL) | oracle, oracle | learned, learned |"
+        in (markdown)
+    )
+    assert "| Graded by | oracle | oracle | oracle |" in markdown
+    assert "| pairwise | 0.875 | 0.250 |" in markdown
+    assert "| authority/after/glued | 0.900 | +0.010 | +0.300 | 1 of 4 |" in markdown
+    assert "| copy rate on safe contexts | 0.200 | 0.800 |" in markdown
+    assert "never saw the grader" in markdown
+    table = format_table(run(90.0, 60.0, 55.0), run(70.0, 45.0, 40.0))
+    assert table.splitlines()[0].split("  ")[-1].strip() == "SIP (learned roles)"
+
+
+def test_ablation_orders_variants_only_where_their_seed_intervals_separate():
+    def run(safety, win, low, high, baseline_safety=40.0):
+        return {
+            "baseline": {"safety": {"score": baseline_safety}, "factuality": {"score": 90.0}},
+            "sip": {
+                "safety": {"score": safety},
+                "factuality": {"score": 90.0},
+                "quality_win_rate": {"score": win, "ci95": [low, high]},
+            },
+        }
+
+    runs = {
+        "a": [run(90.0, 70.0, 66.0, 74.0), run(92.0, 72.0, 68.0, 76.0, 44.0)],
+        "b": [run(80.0, 60.0, 56.0, 64.0), run(91.0, 62.0, 58.0, 65.9)],
+        "c": [run(70.0, 64.0, 60.0, 68.0), run(71.0, 66.0, 62.0, 70.0)],
+    }
+    summary = ablation_summary(runs)
+    assert summary["a"]["quality_win_rate"] == {
+        "mean": 71.0, "interval": [66.0, 76.0], "seeds": [70.0, 72.0]
+    }  # fmt: skip
+    assert summary["baseline"]["safety"] == {"mean": 42.0, "interval": [40.0, 44.0],
+                                             "seeds": [40.0, 44.0]}  # fmt: skip
+    # a's win-rate interval [66, 76] clears b's [56, 65.9] but not c's [60, 70].
+    assert ablation_orderings(summary, "quality_win_rate") == [("a", "b")]
+    # Safety: a [90, 92] is above c [70, 71] and the baseline; b's seeds (80, 91) overlap a and
+    # lie above c.
+    assert sorted(ablation_orderings(summary, "safety")) == [
+        ("a", "baseline"), ("a", "c"), ("b", "baseline"), ("b", "c"), ("c", "baseline")
+    ]  # fmt: skip
+    table = ablation_table(runs)
+    assert "| a | 91.0 [90.0, 92.0] | 90.0 [90.0, 90.0] | 71.0 [66.0, 76.0] |" in table
+    assert "- quality_win_rate: a > b" in table
+    assert "- factuality: none (every interval overlaps)" in table
+
+
+class CopyingRewriter(Rewriter):
+    """Rewrites by a table (the original when absent); None for originals in ``fail``."""
+
+    def __init__(self, table, fail=()):
+        self.table, self.fail = table, set(fail)
+
+    def rewrite(self, prefixes, suffixes):
+        return [None if s in self.fail else self.table.get(s, s) for s in suffixes]
+
+
+def test_rewriter_quality_counts_copies_safe_rewrites_and_fixes():
+    triples = [
+        RewriteTriple("p", "clean one", "clean one", "f:1"),  # copied: right
+        RewriteTriple("p", "clean two", "clean two", "f:2"),  # changed: a copy error
+        RewriteTriple("p", "rant one", "calm", "f:3"),  # rewritten safe
+        RewriteTriple("p", "rant two", "calm", "f:4"),  # left unsafe
+        RewriteTriple("p", "rant three", "calm", "f:5"),  # no rewrite: a failure
+        RewriteTriple("p", "false fact", "true fact", "f:6"),  # corrected (safe context: no copy)
+    ]
+    rewriter = CopyingRewriter(
+        {"clean two": "clean 2", "rant one": "calm", "rant two": "rant again",
+         "false fact": "true fact"},
+        fail={"rant three"},
+    )  # fmt: skip
+    safe = {"clean one": 1.0, "clean two": 1.0, "clean 2": 1.0, "calm": 0.9, "rant one": 0.1,
+            "rant two": 0.0, "rant three": 0.2, "rant again": 0.3, "false fact": 1.0,
+            "true fact": 1.0, "": 1.0}  # fmt: skip
+    facts = {text: 1.0 for text in safe} | {"false fact": 0.0}
+    report = rewriter_quality(rewriter, FakeJudge(safe=safe, facts=facts), triples)
+    # Clean contexts (safe and factual): clean one and clean two, one copied. The false fact's
+    # context is safe but not clean: its correction is no copy error.
+    assert report["copy_rate"] == 0.5
+    assert report["count"] == {
+        "examples": 6, "clean_contexts": 2, "unsafe_contexts": 3, "false_facts": 1
+    }  # fmt: skip
+    assert report["rewrite_safety"] == round(1 / 3, 4)
+    assert report["original_safety"] == 0.0
+    assert report["fact_fix_rate"] == 1.0
+    assert report["missing"] == 1
+    assert [e["original"] for e in report["errors"]["changed_clean"]] == ["clean two"]
+    assert [e["rewrite"] for e in report["errors"]["unsafe_rewrite"]] == ["rant again", None]
+
+
+def test_rewriter_quality_spreads_its_examples_through_the_file():
+    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
+    assert evenly_spaced(list(range(3)), 5) == [0, 1, 2] == evenly_spaced(list(range(3)), 0)
+
+
+def test_judge_agreement_takes_the_first_tasks_of_each_kind():
+    rows = [{"task": t, "n": i} for i, t in enumerate("sspfsppf")]
+    kept = first_per_task(rows, 2)
+    assert [(r["task"], r["n"]) for r in kept] == [
+        ("s", 0), ("s", 1), ("p", 2), ("f", 3), ("p", 5), ("f", 7)
+    ]  # fmt: skip
+    assert first_per_task(rows, 0) == rows
 
 
 # --------------------------------------------------------------------------------------------

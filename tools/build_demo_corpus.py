@@ -11,6 +11,7 @@ values perturbed) spliced into documented fractions of the documents (each unsaf
   eval_safe_prefixes.jsonl     held-out prefixes whose original continuation is clean
   eval_unsafe_prefixes.jsonl   held-out prefixes whose original continuation is an unsafe rant
   rewriter_sft.jsonl           {"prefix", "original", "rewrite"} (rewrite == original when clean)
+  rewriter_val.jsonl           the same from held-out countries
   judge_train.jsonl            labelled judging tasks: pairwise quality, safety, factuality
   judge_val.jsonl              the same from held-out countries
   oracle.json                  knowledge base, lexicon and reference bigrams for the oracle roles
@@ -90,12 +91,32 @@ def parse_args(argv=None):
     parser.add_argument(
         "--heldout-fraction", type=float, default=0.1, help="fraction of countries held out"
     )
+    parser.add_argument(
+        "--pairwise-per-document",
+        type=int,
+        default=1,
+        help="pairwise quality tasks drawn from each document (an original window against a "
+        "shuffled, repeated or off-topic one): safety and factuality give several tasks per "
+        "document, and a judge trained on one pair per document sees too few pairs to learn them",
+    )
+    parser.add_argument(
+        "--pairwise-window-chars",
+        type=int,
+        default=0,
+        help="cut each pairwise candidate at the last word boundary within this many characters, "
+        "as a SIP candidate of a fixed number of tokens is cut (0: to the end of the sentence "
+        "past 300 characters)",
+    )
     args = parser.parse_args(argv)
     for name in ("unsafe_rate", "false_fact_rate", "heldout_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.rants_per_unsafe_document < 1:
         parser.error("--rants-per-unsafe-document must be at least 1")
+    if args.pairwise_per_document < 1:
+        parser.error("--pairwise-per-document must be at least 1")
+    if args.pairwise_window_chars < 0:
+        parser.error("--pairwise-window-chars must be 0 (to a sentence end) or positive")
     if args.rant_lexicon_size < 0 or args.rant_lexicon_size == 1:
         parser.error("--rant-lexicon-size must be 0 (all) or at least 2")
     return args
@@ -273,8 +294,23 @@ def _sentence_window(text: str, start: int, end: int) -> tuple[int, int]:
     return before, after
 
 
-def judge_examples(documents, knowledge, all_facts, rng) -> list[dict]:
-    """Judging tasks with labels known by construction."""
+def _pairwise_end(text: str, start: int, window_chars: int) -> int:
+    """End of a pairwise candidate from ``start``: the last word boundary within
+    ``window_chars`` characters, or with 0 the end of the sentence past 300 characters."""
+    if not window_chars:
+        return _window_end(text, start, 300)
+    limit = start + window_chars
+    if limit >= len(text):
+        return len(text)
+    space = text.rfind(" ", start, limit + 1)
+    return space if space > start else limit
+
+
+def judge_examples(
+    documents, knowledge, all_facts, rng, pairs_per_document: int = 1, window_chars: int = 0
+) -> list[dict]:
+    """Judging tasks with labels known by construction; ``pairs_per_document`` pairwise tasks
+    per document, their candidates cut by :func:`_pairwise_end`."""
     examples = []
     for doc in documents:
         # Safety: every rant in its context is unsafe; a window of clean sentences is safe.
@@ -312,12 +348,12 @@ def judge_examples(documents, knowledge, all_facts, rng) -> list[dict]:
             c for c in sentence_boundaries(doc.text)
             if not any(s.start < c + 400 and s.end > c for s in doc.spans)
         ]  # fmt: skip
-        if boundaries:
+        for _ in range(pairs_per_document if boundaries else 0):
             start = rng.choice(boundaries)
-            end = _window_end(doc.text, start, 300)
+            end = _pairwise_end(doc.text, start, window_chars)
             original = doc.text[start:end]
             corruption = rng.choice(["shuffled", "repeated", "off_topic"])
-            degraded = _degrade(original, corruption, documents, doc, rng)
+            degraded = _degrade(original, corruption, documents, doc, rng, window_chars)
             first_is_original = rng.random() < 0.5
             examples.append(
                 {
@@ -343,7 +379,7 @@ def _task(task: str, doc: Document, a: int, b: int, label: int) -> dict:
     }
 
 
-def _degrade(text: str, corruption: str, documents, doc, rng) -> str:
+def _degrade(text: str, corruption: str, documents, doc, rng, window_chars: int = 0) -> str:
     words = text.split()
     if corruption == "shuffled":
         rng.shuffle(words)
@@ -353,7 +389,7 @@ def _degrade(text: str, corruption: str, documents, doc, rng) -> str:
         return " ".join([head] * 6)
     other = rng.choice([d for d in documents if d.country != doc.country])
     start = rng.choice([0, *sentence_boundaries(other.text)])
-    return other.text[start : _window_end(other.text, start, 300)]
+    return other.text[start : _pairwise_end(other.text, start, window_chars)]
 
 
 def reference_bigrams(documents) -> list[str]:
@@ -399,8 +435,11 @@ def main(argv=None) -> None:
     safe = [row for row in safe if row["prefix"] not in corpus_text]
     unsafe = [row for row in unsafe if row["prefix"] not in corpus_text]
     rewrites = rewriter_examples(train_docs, rng)
-    judge_train = judge_examples(train_docs, knowledge, all_facts, rng)
-    judge_val = judge_examples(heldout_docs, knowledge, all_facts, rng)
+    pairs = (args.pairwise_per_document, args.pairwise_window_chars)
+    judge_train = judge_examples(train_docs, knowledge, all_facts, rng, *pairs)
+    judge_val = judge_examples(heldout_docs, knowledge, all_facts, rng, *pairs)
+    # Drawn last, so the files above do not depend on it.
+    rewrites_val = rewriter_examples(heldout_docs, rng)
 
     output = Path(args.output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +449,7 @@ def main(argv=None) -> None:
     write_jsonl(staging / "eval_safe_prefixes.jsonl", safe)
     write_jsonl(staging / "eval_unsafe_prefixes.jsonl", unsafe)
     write_jsonl(staging / "rewriter_sft.jsonl", rewrites)
+    write_jsonl(staging / "rewriter_val.jsonl", rewrites_val)
     write_jsonl(staging / "judge_train.jsonl", judge_train)
     write_jsonl(staging / "judge_val.jsonl", judge_val)
     oracle = {
@@ -446,6 +486,7 @@ def main(argv=None) -> None:
         "eval_safe_prefixes": len(safe),
         "eval_unsafe_prefixes": len(unsafe),
         "rewriter_sft": dict(sorted(Counter(r["kind"] for r in rewrites).items())),
+        "rewriter_val": dict(sorted(Counter(r["kind"] for r in rewrites_val).items())),
         "judge_train": dict(sorted(Counter(e["task"] for e in judge_train).items())),
         "judge_val": dict(sorted(Counter(e["task"] for e in judge_val).items())),
         "lexicon_words": len(lexicon),

@@ -53,13 +53,31 @@ class Preset:
     base_iters: int
     continual_iters: int
     eval_prefixes: int  # held-out prefixes per set (0: all)
+    judge_pairwise_iters: int  # judge SFT's first phase, on pairwise tasks alone
+    judge_sft_iters: int
+    judge_grpo_iters: int
+    rewriter_sft_iters: int
+    rewriter_rl_iters: int
+    role_eval_examples: int  # judge_val tasks per task, rewriter_val triples
+    judge_min_calibration_accuracy: float = 0.75  # the flag's default
 
 
 PRESETS = {
-    "default": Preset(base_iters=500, continual_iters=150, eval_prefixes=0),
+    "default": Preset(
+        base_iters=500, continual_iters=150, eval_prefixes=0, judge_pairwise_iters=300,
+        judge_sft_iters=400,
+        judge_grpo_iters=30, rewriter_sft_iters=500, rewriter_rl_iters=10,
+        role_eval_examples=120,
+    ),
     # The end-to-end test's: the same pipeline, shorter.
-    "short": Preset(base_iters=250, continual_iters=60, eval_prefixes=40),
-}
+    "short": Preset(
+        base_iters=250, continual_iters=60, eval_prefixes=40, judge_pairwise_iters=20,
+        judge_sft_iters=20,
+        judge_grpo_iters=2, rewriter_sft_iters=30, rewriter_rl_iters=2, role_eval_examples=16,
+        # A judge of 40 SFT steps is no judge: the short run checks that every stage runs.
+        judge_min_calibration_accuracy=0.0,
+    ),
+}  # fmt: skip
 
 
 class Stage:
@@ -80,6 +98,9 @@ class Stage:
         """Changes when the command, a flags file it reads, the code it runs or an upstream
         stage changes."""
         flag_files = [Path(a[1:]).read_text() for a in self.command if a.startswith("@")]
+        # A directory a flags file names (a prompt pack) is an input too.
+        named = [ROOT / word for text in flag_files for word in text.split() if "/" in word]
+        flag_files += [_fingerprint(p for d in named if d.is_dir() for p in d.iterdir())]
         scripts = [Path(a) for a in self.command if a.endswith(".py") and Path(a).is_file()]
         code = [self.runner.package_fingerprint, _fingerprint(scripts)]
         upstream = [self.runner.keys[name] for name in self.depends]
@@ -226,10 +247,10 @@ def prepare(runner: DemoRunner) -> dict[str, Path]:
         [Path(f"{dataset}.bin"), Path(f"{dataset}.idx")],
         depends=["corpus", "tokenizer"],
     )  # fmt: skip
-    common = [
-        f"@{EXAMPLES / 'model.args'}", "--tokenizer-type", "GPTSentencePieceTokenizer",
-        "--tokenizer-model", f"{tokenizer}.model", "--data-path", dataset,
+    tokenizer_flags = [
+        "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", f"{tokenizer}.model"
     ]  # fmt: skip
+    common = [f"@{EXAMPLES / 'model.args'}", *tokenizer_flags, "--data-path", dataset]
     base = runner.out / "base"
     runner.stage(
         "pretrain_base",
@@ -239,17 +260,30 @@ def prepare(runner: DemoRunner) -> dict[str, Path]:
         [base],
         depends=["preprocess"],
     )  # fmt: skip
-    return {"demo": demo, "base": base, "common": common}
+    return {"demo": demo, "base": base, "common": common, "tokenizer": tokenizer_flags}
 
 
-def continual_nll(runner: DemoRunner, paths: dict, iters: int) -> Path:
-    out = runner.out / "baseline"
+DEMO_SEED = 1234  # examples/demo/model.args' --seed: the demo's own runs
+
+
+def seeded(name: str, seed: int) -> str:
+    """A stage's name for ``seed``: the demo's own name for its seed."""
+    return name if seed == DEMO_SEED else f"{name}_seed{seed}"
+
+
+def seed_flags(seed: int) -> list:
+    return [] if seed == DEMO_SEED else ["--seed", seed]
+
+
+def continual_nll(runner: DemoRunner, paths: dict, iters: int, seed: int = DEMO_SEED) -> Path:
+    name = seeded("baseline", seed)
+    out = runner.out / name
     runner.stage(
-        "baseline",
+        name,
         runner.torchrun("megatron_sip.pretrain", *paths["common"],
                         f"@{EXAMPLES / 'continual.args'}", "--train-iters", iters,
-                        "--pretrained-checkpoint", paths["base"], "--save", out,
-                        "--tensorboard-dir", runner.out / "tb" / "baseline"),
+                        "--pretrained-checkpoint", paths["base"], *seed_flags(seed),
+                        "--save", out, "--tensorboard-dir", runner.out / "tb" / name),
         [out],
         depends=["pretrain_base"],
     )  # fmt: skip
@@ -257,26 +291,172 @@ def continual_nll(runner: DemoRunner, paths: dict, iters: int) -> Path:
 
 
 def continual_sip(
-    runner: DemoRunner, paths: dict, iters: int, name: str, variant: Optional[Variant] = None
+    runner: DemoRunner,
+    paths: dict,
+    iters: int,
+    name: str,
+    variant: Optional[Variant] = None,
+    learned: Optional[dict] = None,
+    seed: int = DEMO_SEED,
 ) -> Path:
     """SIP from the base with ``variant``'s flags (default: the demo's, examples/demo/sip.args);
-    the oracle judge only for objectives that judge (the others refuse judge flags)."""
+    the oracle judge only for objectives that judge (the others refuse judge flags), or with
+    ``learned`` (:func:`learned_roles`) the learned judge and rewriter, colocated."""
     variant = variant or Variant("online_dpo_k", "sip.args")
     out = runner.out / name
     demo = paths["demo"]
-    judge = ["--judge-backend", "oracle", "--judge-oracle-data", demo] if variant.judged else []
+    if learned:
+        judge = learned_judge_flags(runner, learned["calibration"])
+        rewriter = ["--rewriter-backend", "megatron", "--rewriter-load", learned["rewriter"],
+                    f"@{EXAMPLES / 'rewriter_prompts.args'}",
+                    "--rewriter-max-tokens", REWRITE_TOKENS]  # fmt: skip
+        depends = ["pretrain_base", "judge_grpo", "rewriter_rl"]
+    else:
+        judge = ["--judge-backend", "oracle", "--judge-oracle-data", demo]
+        rewriter = ["--rewriter-backend", "oracle", "--rewriter-oracle-data", demo]
+        depends = ["pretrain_base"]
     runner.stage(
         name,
         runner.torchrun("megatron_sip.train_sip", *paths["common"],
                         f"@{EXAMPLES / 'continual.args'}", f"@{EXAMPLES / variant.args_file}",
-                        "--train-iters", iters, "--pretrained-checkpoint", paths["base"], *judge,
-                        "--rewriter-backend", "oracle", "--rewriter-oracle-data", demo,
-                        *variant.flags, "--save", out,
+                        *([f"@{EXAMPLES / 'sip_learned.args'}"] if learned else []),
+                        "--train-iters", iters, "--pretrained-checkpoint", paths["base"],
+                        *(judge if variant.judged else []), *rewriter,
+                        *variant.flags, *seed_flags(seed), "--save", out,
                         "--tensorboard-dir", runner.out / "tb" / name),
         [out],
-        depends=["pretrain_base"],
+        depends=depends,
     )  # fmt: skip
     return out
+
+
+def learned_roles(runner: DemoRunner, paths: dict) -> dict[str, Path]:
+    """The learned judge (SFT, then GRPO) and rewriter (SFT, then RL rewarded by that judge),
+    from the base policy and the corpus's labels, each measured after each phase against
+    held-out labels (the judge) and the oracle (the rewriter). Returns their checkpoints under
+    <output-dir>/roles/ and the measurements' files."""
+    preset, demo, roles = runner.preset, paths["demo"], runner.out / "roles"
+    evals = runner.out / "eval"
+    evals.mkdir(parents=True, exist_ok=True)
+    model = [f"@{EXAMPLES / 'model.args'}", f"@{EXAMPLES / 'roles.args'}", *paths["tokenizer"]]
+    judge_prompts = f"@{EXAMPLES / 'judge_prompts.args'}"
+    rewriter_prompts = f"@{EXAMPLES / 'rewriter_prompts.args'}"
+    judge_data = ["--judge-train-data", demo / "judge_train.jsonl", judge_prompts]
+    # SFT in two phases: pairwise tasks alone first, then safety and pairwise together (the
+    # mixed run alone reached 0.74 pairwise accuracy in 800 steps, the pairwise phase 0.83 in 300).
+    runner.stage(
+        "judge_sft_pairwise",
+        runner.torchrun("megatron_sip.training.judge_sft", *model, *judge_data,
+                        f"@{EXAMPLES / 'judge_sft.args'}", "--judge-train-tasks", "pairwise",
+                        "--train-iters", preset.judge_pairwise_iters,
+                        "--pretrained-checkpoint", paths["base"],
+                        "--save", roles / "judge_sft_pairwise",
+                        "--tensorboard-dir", runner.out / "tb" / "judge_sft_pairwise"),
+        [roles / "judge_sft_pairwise"],
+        depends=["pretrain_base"],
+    )  # fmt: skip
+    runner.stage(
+        "judge_sft",
+        runner.torchrun("megatron_sip.training.judge_sft", *model, *judge_data,
+                        f"@{EXAMPLES / 'judge_sft.args'}", "--train-iters", preset.judge_sft_iters,
+                        "--pretrained-checkpoint", roles / "judge_sft_pairwise",
+                        "--save", roles / "judge_sft",
+                        "--tensorboard-dir", runner.out / "tb" / "judge_sft"),
+        [roles / "judge_sft"],
+        depends=["judge_sft_pairwise"],
+    )  # fmt: skip
+    runner.stage(
+        "judge_grpo",
+        runner.torchrun("megatron_sip.train_judge", *model, *judge_data,
+                        f"@{EXAMPLES / 'judge_grpo.args'}", "--train-iters",
+                        preset.judge_grpo_iters, "--pretrained-checkpoint", roles / "judge_sft",
+                        "--save", roles / "judge",
+                        "--tensorboard-dir", runner.out / "tb" / "judge"),
+        [roles / "judge"],
+        depends=["judge_sft"],
+    )  # fmt: skip
+    out = {"judge": roles / "judge"}
+    for name, appeals in (
+        ("judge_sft", []),
+        ("judge", ["--appeal-families", "authority,emotional", "--appeal-rows", 120]),
+    ):
+        out[f"{name}_eval"] = evals / f"{name}_val.json"
+        runner.stage(
+            f"eval_{name}",
+            runner.python("-m", "megatron_sip.eval.judge_agreement", "--judge-backend", "megatron",
+                          "--judge-load", roles / name, judge_prompts,
+                          "--examples", demo / "judge_val.jsonl", "--examples-per-task",
+                          preset.role_eval_examples, *appeals, "--output", out[f"{name}_eval"]),
+            [out[f"{name}_eval"]],
+            depends=["judge_sft" if name == "judge_sft" else "judge_grpo"],
+        )  # fmt: skip
+    calibration = judge_calibration(runner, demo)
+    rewriter_data = ["--rewriter-train-data", demo / "rewriter_sft.jsonl", rewriter_prompts]
+    runner.stage(
+        "rewriter_sft",
+        runner.torchrun("megatron_sip.train_rewriter", *model, *rewriter_data,
+                        f"@{EXAMPLES / 'rewriter_sft.args'}", "--train-iters",
+                        preset.rewriter_sft_iters, "--pretrained-checkpoint", paths["base"],
+                        "--save", roles / "rewriter_sft",
+                        "--tensorboard-dir", runner.out / "tb" / "rewriter_sft"),
+        [roles / "rewriter_sft"],
+        depends=["pretrain_base"],
+    )  # fmt: skip
+    runner.stage(
+        "rewriter_rl",
+        runner.torchrun("megatron_sip.train_rewriter", *model, *rewriter_data,
+                        f"@{EXAMPLES / 'rewriter_rl.args'}", "--train-iters",
+                        preset.rewriter_rl_iters, "--pretrained-checkpoint", roles / "rewriter_sft",
+                        *learned_judge_flags(runner, calibration), "--save", roles / "rewriter",
+                        "--tensorboard-dir", runner.out / "tb" / "rewriter"),
+        [roles / "rewriter"],
+        depends=["rewriter_sft", "judge_grpo"],
+    )  # fmt: skip
+    out["rewriter"] = roles / "rewriter"
+    for name, upstream in (("rewriter_sft", "rewriter_sft"), ("rewriter", "rewriter_rl")):
+        out[f"{name}_eval"] = evals / f"{name}_val.json"
+        runner.stage(
+            f"eval_{name}",
+            runner.python("-m", "megatron_sip.eval.rewriter_quality", "--rewriter-backend",
+                          "megatron", "--rewriter-load", roles / name, rewriter_prompts,
+                          "--rewriter-max-tokens", REWRITE_TOKENS, "--examples",
+                          demo / "rewriter_val.jsonl", "--max-examples",
+                          2 * preset.role_eval_examples, "--judge-backend", "oracle",
+                          "--judge-oracle-data", demo, "--output", out[f"{name}_eval"]),
+            [out[f"{name}_eval"]],
+            depends=[upstream, "corpus"],
+        )  # fmt: skip
+    out["calibration"] = calibration
+    return out
+
+
+# The learned rewriter writes at most a SIP suffix's worth of tokens (sip.args: --sip-suffix-len).
+REWRITE_TOKENS = 64
+CALIBRATION_TASKS = 16  # per task: the learned judge's start-up self-check in SIP and rewriter RL
+CALIBRATED_TASKS = ("safety", "pairwise")  # what the learned judge is trained and used for
+
+
+def judge_calibration(runner: DemoRunner, demo: Path) -> Path:
+    """The first held-out judging tasks of each kind the learned judge is used for, which it
+    must get right (--judge-min-calibration-accuracy) before it trains anything."""
+    out = runner.out / "data" / "judge_calibration.jsonl"
+    counts: dict[str, int] = {}
+    lines = []
+    for line in (demo / "judge_val.jsonl").read_text().splitlines():
+        task = json.loads(line)["task"]
+        counts[task] = counts.get(task, 0) + 1
+        if task in CALIBRATED_TASKS and counts[task] <= CALIBRATION_TASKS:
+            lines.append(line)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def learned_judge_flags(runner: DemoRunner, calibration: Path) -> list:
+    return [
+        "--judge-backend", "megatron", "--judge-load", runner.out / "roles" / "judge",
+        f"@{EXAMPLES / 'judge_prompts.args'}", "--judge-calibration", calibration,
+        "--judge-min-calibration-accuracy", runner.preset.judge_min_calibration_accuracy,
+    ]  # fmt: skip
 
 
 def held_out_prefixes(runner: DemoRunner, demo: Path) -> list[Path]:
@@ -335,7 +515,20 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per training job (DP)")
     parser.add_argument("--ablation", action="store_true", help="the loss/rollout ablation")
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: [int(s) for s in text.split(",")],
+        default=[DEMO_SEED, DEMO_SEED + 1, DEMO_SEED + 2],
+        help="comma-separated seeds of the ablation's continual runs (each variant and the "
+        f"baseline train once per seed; {DEMO_SEED} is the demo's own run, reused)",
+    )
     parser.add_argument("--fresh", action="store_true", help="redo every stage")
+    parser.add_argument(
+        "--learned-roles",
+        action="store_true",
+        help="also train a judge (SFT, GRPO) and a rewriter (SFT, RL) from the base and the "
+        "corpus's labels, run SIP with them colocated, and grade it with the oracle",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out = args.output_dir.resolve()
@@ -346,17 +539,31 @@ def main(argv=None) -> None:
 
 
 def run_demo(out: Path, preset: Preset, args) -> None:
-    from megatron_sip.eval.report import format_table, read_scalars, write_report
+    from megatron_sip.eval.report import format_table, read_scalars, roles_summary, write_report
 
     start = time.perf_counter()
-    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=10)
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=22 if args.learned_roles else 10)
     paths = prepare(runner)
     baseline = continual_nll(runner, paths, preset.continual_iters)
     sip = continual_sip(runner, paths, preset.continual_iters, "sip")
+    learned = learned_roles(runner, paths) if args.learned_roles else None
     prefixes = held_out_prefixes(runner, paths["demo"])
     baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
     sip_rows = evaluate(runner, "sip", sip, prefixes)
+    # The oracle grades every policy; no trained model ever sees it.
     results = compare(runner, "sip", baseline_rows, sip_rows, paths["demo"])
+    results_learned = roles = None
+    if learned:
+        sip_learned = continual_sip(
+            runner, paths, preset.continual_iters, "sip_learned", learned=learned
+        )
+        learned_rows = evaluate(runner, "sip_learned", sip_learned, prefixes)
+        results_learned = compare(runner, "sip_learned", baseline_rows, learned_rows, paths["demo"])
+        evals = {name: _read(path) for name, path in learned.items() if name.endswith("_eval")}
+        roles = roles_summary(
+            judge={"sft": evals["judge_sft_eval"], "grpo": evals["judge_eval"]},
+            rewriter={"sft": evals["rewriter_sft_eval"], "rl": evals["rewriter_eval"]},
+        )
     runner.index += 1
     curves = {"sip": read_scalars(out / "tb" / "sip")}
     meta = {
@@ -367,11 +574,15 @@ def run_demo(out: Path, preset: Preset, args) -> None:
         "stage_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
         "commands": runner.commands,
     }
-    write_report(out, results, curves, meta)
+    write_report(out, results, curves, meta, learned=results_learned, roles=roles)
     print(f"[{runner.index}/{runner.total}] report: {out / 'report.md'}", flush=True)
     print(f"total wall time {meta['wall_time_s']:.0f} s", flush=True)
     # The table ends the run.
-    print(format_table(results), flush=True)
+    print(format_table(results, results_learned), flush=True)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,22 +607,28 @@ ABLATION = (
 def run_ablation(out: Path, preset: Preset, args) -> None:
     from megatron_sip.eval.report import ablation_table
 
-    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=5 + 3 * len(ABLATION) + 1)
+    seeds = args.seeds
+    total = 4 + 1 + len(seeds) * (2 + 3 * len(ABLATION)) + 1
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=total)
     paths = prepare(runner)
     iters = preset.continual_iters
-    baseline = continual_nll(runner, paths, iters)
     prefixes = held_out_prefixes(runner, paths["demo"])
-    baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
-    rows = {}
-    for variant in ABLATION:
-        demo_run = variant.args_file == "sip.args" and not variant.flags
-        stage = "sip" if demo_run else f"ablation_{variant.name}"
-        checkpoint = continual_sip(runner, paths, iters, stage, variant)
-        candidate = evaluate(runner, stage, checkpoint, prefixes)
-        rows[variant.name] = compare(runner, stage, baseline_rows, candidate, paths["demo"])
+    rows: dict[str, list] = {variant.name: [] for variant in ABLATION}
+    for seed in seeds:
+        baseline_name = seeded("baseline", seed)
+        baseline = continual_nll(runner, paths, iters, seed)
+        baseline_rows = evaluate(runner, baseline_name, baseline, prefixes)
+        for variant in ABLATION:
+            demo_run = variant.args_file == "sip.args" and not variant.flags
+            stage = seeded("sip" if demo_run else f"ablation_{variant.name}", seed)
+            checkpoint = continual_sip(runner, paths, iters, stage, variant, seed=seed)
+            candidate = evaluate(runner, stage, checkpoint, prefixes)
+            rows[variant.name].append(
+                compare(runner, stage, baseline_rows, candidate, paths["demo"], baseline_name)
+            )
     text = ablation_table(rows)
     (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "runs": rows}, indent=2) + "\n")
     print(text, flush=True)
 
 

@@ -12,19 +12,18 @@ and with --appeal-families how far appeals move the safety verdicts (eval/appeal
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Optional
 
-from megatron_sip.arguments import LaunchConfig, parse_args, reject_set_flags
+from megatron_sip.arguments import LaunchConfig, parse_args
 from megatron_sip.data.appeals import parse_families
 from megatron_sip.errors import ConfigError, exits_on_bad_input
 from megatron_sip.eval.appeals import appeal_robustness
-from megatron_sip.initialize import destroy_distributed, initialize_distributed
+from megatron_sip.eval.role_job import print_report, reject_device_flags, role_ranks
 from megatron_sip.roles.base import Judge
-from megatron_sip.roles.config import JudgeConfig, RoleContext, build_judge
+from megatron_sip.roles.config import JudgeConfig, build_judge
+from megatron_sip.training.judge_data import JUDGE_TASKS, read_tasks
 
 
 def judge_accuracy(judge: Judge, examples: Sequence[dict], factual_at: float = 1.0) -> dict:
@@ -59,12 +58,29 @@ def judge_accuracy(judge: Judge, examples: Sequence[dict], factual_at: float = 1
     }
 
 
+def first_per_task(examples: Sequence[dict], limit: int) -> list[dict]:
+    """The first ``limit`` examples of each task, in file order (all with 0)."""
+    if not limit:
+        return list(examples)
+    seen: dict[str, int] = defaultdict(int)
+    kept = []
+    for example in examples:
+        seen[example["task"]] += 1
+        if seen[example["task"]] <= limit:
+            kept.append(example)
+    return kept
+
+
 @dataclasses.dataclass
 class AgreementConfig:
     """What ``python -m megatron_sip.eval.judge_agreement`` measures."""
 
     examples: Optional[str] = None
     """Labelled judging tasks (jsonl, the judge_val.jsonl schema)."""
+
+    examples_per_task: int = 0
+    """Score only the first this many tasks of each task type (safety, factuality, pairwise) of
+    --examples (0: all)."""
 
     appeal_families: str = ""
     """Also measure appeals of these families (comma-separated, data/appeals.py) on the safety
@@ -90,14 +106,14 @@ class AgreementJobConfig(LaunchConfig):
     def validate(self, world_size: int) -> None:
         if not self.agreement.examples:
             raise ConfigError("--examples", "required: the labelled judging tasks")
+        if self.agreement.examples_per_task < 0:
+            raise ConfigError("--examples-per-task", "must be 0 (all) or positive")
         try:
             parse_families(self.agreement.appeal_families, "--appeal-families")
         except ValueError as error:
             raise ConfigError("--appeal-families", str(error).split(": ", 1)[1]) from None
         if self.judge.judge_backend != "megatron":
-            reason = "only a colocated (megatron) judge runs on a device and ranks"
-            reject_set_flags(self.parallel, None, reason)
-            reject_set_flags(self.platform, None, reason)
+            reject_device_flags(self, "judge")
 
 
 @exits_on_bad_input
@@ -105,28 +121,20 @@ def main(argv=None) -> None:
     configs = parse_args(argv, AgreementJobConfig, description=__doc__)
     config = configs.agreement
     colocated = configs.judge.judge_backend == "megatron"
-    rank, roles = 0, RoleContext()
-    if colocated:  # the judge may be model-parallel: one process per rank under torchrun
-        context = initialize_distributed(configs.parallel, configs.platform.device, config.seed)
-        rank, roles = context.rank, RoleContext(configs.parallel, context.pg_collection)
-    judge = build_judge(configs.judge, roles)
-    examples = [json.loads(line) for line in Path(config.examples).read_text().splitlines()]
-    try:
-        report = judge_accuracy(judge, examples)
-        families = parse_families(config.appeal_families, "--appeal-families")
-        if families:
-            report["appeals"] = appeal_robustness(
-                judge, examples, families, max_rows=config.appeal_rows, seed=config.seed
-            )
-    finally:
-        judge.close()
-    if rank == 0:
-        text = json.dumps(report, sort_keys=True)
-        if config.output:
-            Path(config.output).write_text(text + "\n")
-        print(text)
-    if colocated:
-        destroy_distributed()
+    with role_ranks(configs, colocated, config.seed) as (rank, roles):
+        judge = build_judge(configs.judge, roles)
+        examples = read_tasks(config.examples, JUDGE_TASKS, "--examples")
+        examples = first_per_task(examples, config.examples_per_task)
+        try:
+            report = judge_accuracy(judge, examples)
+            families = parse_families(config.appeal_families, "--appeal-families")
+            if families:
+                report["appeals"] = appeal_robustness(
+                    judge, examples, families, max_rows=config.appeal_rows, seed=config.seed
+                )
+        finally:
+            judge.close()
+        print_report(report, rank, config.output)
 
 
 if __name__ == "__main__":

@@ -75,39 +75,55 @@ def _cell(metric: Optional[Mapping], interval: bool = False) -> str:
     return text
 
 
-def table_rows(results: Mapping) -> list[list[str]]:
+COLUMN_LABELS = {
+    "sip": "SIP (oracle roles)",
+    "sip_learned": "SIP (learned roles)",
+}
+"""Table columns of the SIP runs compared with the baseline; ``results`` of the learned-roles
+run are compare()'s output for it, stored under ``sip_learned`` by :func:`write_report`."""
+
+
+def table_rows(results: Mapping, learned: Optional[Mapping] = None) -> list[list[str]]:
     """[header, safety, factuality, quality win rate (all prefixes, and those whose two
-    continuations are safe)] rows of baseline vs SIP."""
+    continuations are safe)] rows of the baseline vs SIP (and SIP with learned roles, whose
+    compare() output is ``learned``)."""
     unsafe = results.get("unsafe_set")
     safety_label = "Safety (% safe" + (f", {unsafe})" if unsafe else ")")
+    runs = [results] + ([learned] if learned is not None else [])
+    header = ["Metric", "Baseline", "SIP" if learned is None else COLUMN_LABELS["sip"]]
+    if learned is not None:
+        header.append(COLUMN_LABELS["sip_learned"])
+
+    def row(label, policy_metric, baseline_cell=None, interval=False):
+        cells = [baseline_cell or _cell(_metric(results, "baseline", policy_metric))]
+        cells += [_cell(_metric(run, "sip", policy_metric), interval=interval) for run in runs]
+        return [label, *cells]
+
+    roles_rows = []
+    if learned is not None:
+        grader = results.get("judge") or "the comparison's judge"
+        roles_rows = [
+            ["Trained with (judge, rewriter)", "none (NLL)", "oracle, oracle", "learned, learned"],
+            ["Graded by", grader, grader, learned.get("judge") or grader],
+        ]
     return [
-        ["Metric", "Baseline", "SIP"],
-        [
-            safety_label,
-            _cell(_metric(results, "baseline", "safety")),
-            _cell(_metric(results, "sip", "safety")),
-        ],
-        [
-            "Factuality (%)",
-            _cell(_metric(results, "baseline", "factuality")),
-            _cell(_metric(results, "sip", "factuality")),
-        ],
-        [
-            "Quality win rate vs baseline (%, 95% CI)",
-            "50 (reference)",
-            _cell(_metric(results, "sip", "quality_win_rate"), interval=True),
-        ],
-        [
+        header,
+        *roles_rows,
+        row(safety_label, "safety"),
+        row("Factuality (%)", "factuality"),
+        row("Quality win rate vs baseline (%, 95% CI)", "quality_win_rate", "50 (reference)", True),
+        row(
             "Quality win rate, both safe (%, 95% CI)",
+            "quality_win_rate_both_safe",
             "50 (reference)",
-            _cell(_metric(results, "sip", "quality_win_rate_both_safe"), interval=True),
-        ],
+            True,
+        ),
     ]
 
 
-def format_table(results: Mapping) -> str:
+def format_table(results: Mapping, learned: Optional[Mapping] = None) -> str:
     """The results table as aligned plain text for the terminal."""
-    rows = table_rows(results)
+    rows = table_rows(results, learned)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
@@ -116,29 +132,82 @@ def format_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(runs: Mapping[str, Mapping]) -> str:
-    """A markdown table of several SIP variants, each compared with the same baseline
-    (the paper's Table 6 analogue): safety, factuality and quality win rate per variant."""
+ABLATION_METRICS = ("safety", "factuality", "quality_win_rate")
+
+
+def ablation_summary(runs: Mapping[str, Sequence[Mapping]]) -> dict:
+    """Per variant and metric, over its seeds (``runs``: variant -> one compare() output per
+    seed, each against that seed's baseline): the mean, and the interval that holds every seed's
+    score and, for the win rate, every seed's 95% bootstrap interval (training noise and
+    evaluation noise both). ``baseline`` is the NLL baseline's, over the same seeds."""
+
+    def over(results: Sequence[Mapping], policy: str, name: str) -> Optional[dict]:
+        metrics = [_metric(r, policy, name) or {} for r in results]
+        scores = [m["score"] for m in metrics if m.get("score") is not None]
+        if not scores:
+            return None
+        ends = [v for m in metrics for v in m.get("ci95") or ()] + scores
+        return {
+            "mean": round(sum(scores) / len(scores), 2),
+            "interval": [round(min(ends), 2), round(max(ends), 2)],
+            "seeds": scores,
+        }
+
+    first = next(iter(runs.values()), [])
+    summary = {"baseline": {n: over(first, "baseline", n) for n in ABLATION_METRICS[:2]}}
+    for variant, results in runs.items():
+        summary[variant] = {n: over(results, "sip", n) for n in ABLATION_METRICS}
+    return summary
+
+
+def ablation_orderings(summary: Mapping[str, Mapping], metric: str) -> list[tuple[str, str]]:
+    """(higher, lower) pairs of variants whose ``metric`` intervals (:func:`ablation_summary`)
+    do not overlap: the only orderings the runs support."""
+    entries = [(v, m[metric]) for v, m in summary.items() if m.get(metric)]
+    return [
+        (a, b)
+        for a, high in entries
+        for b, low in entries
+        if a != b and high["interval"][0] > low["interval"][1]
+    ]
+
+
+def ablation_table(runs: Mapping[str, Sequence[Mapping]]) -> str:
+    """A markdown table of several SIP variants over seeds (the paper's Table 6 analogue):
+    safety, factuality and quality win rate per variant as the mean over seeds with the interval
+    of :func:`ablation_summary`, then the orderings whose intervals separate."""
+    summary = ablation_summary(runs)
+    seeds = max((len(r) for r in runs.values()), default=0)
+
+    def cell(entry: Optional[Mapping]) -> str:
+        if entry is None:
+            return "n/a"
+        low, high = entry["interval"]
+        return f"{entry['mean']:.1f} [{low:.1f}, {high:.1f}]"
+
     lines = [
-        "| Variant | Safety (%) | Factuality (%) | Quality win rate vs baseline (%, 95% CI) |",
+        f"Mean over {seeds} seed(s) [the interval holding every seed's score and, for the win "
+        "rate, every seed's 95% bootstrap interval].",
+        "",
+        "| Variant | Safety (%) | Factuality (%) | Quality win rate vs baseline (%) |",
         "|---|---|---|---|",
     ]
-    baseline = next(iter(runs.values()), {})
-    lines.append(
-        f"| baseline (NLL) | {_cell(_metric(baseline, 'baseline', 'safety'))} | "
-        f"{_cell(_metric(baseline, 'baseline', 'factuality'))} | 50 (reference) |"
-    )
-    for name, results in runs.items():
+    for variant, metrics in summary.items():
+        win = "50 (reference)" if variant == "baseline" else cell(metrics["quality_win_rate"])
+        name = "baseline (NLL)" if variant == "baseline" else variant
         lines.append(
-            f"| {name} | {_cell(_metric(results, 'sip', 'safety'))} | "
-            f"{_cell(_metric(results, 'sip', 'factuality'))} | "
-            f"{_cell(_metric(results, 'sip', 'quality_win_rate'), interval=True)} |"
+            f"| {name} | {cell(metrics['safety'])} | {cell(metrics['factuality'])} | {win} |"
         )
+    lines.append("")
+    for metric in ABLATION_METRICS:
+        pairs = ablation_orderings(summary, metric)
+        claims = ", ".join(f"{a} > {b}" for a, b in pairs) or "none (every interval overlaps)"
+        lines.append(f"- {metric}: {claims}")
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(results: Mapping) -> str:
-    rows = table_rows(results)
+def markdown_table(results: Mapping, learned: Optional[Mapping] = None) -> str:
+    rows = table_rows(results, learned)
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join(["---"] * len(rows[0])) + "|")
     return "\n".join(lines)
@@ -157,26 +226,140 @@ def _meta_markdown(meta: Mapping[str, Any]) -> list[str]:
     return lines + blocks
 
 
-def report_markdown(results: Mapping, meta: Mapping[str, Any]) -> str:
+def report_markdown(
+    results: Mapping,
+    meta: Mapping[str, Any],
+    learned: Optional[Mapping] = None,
+    roles: Optional[Mapping] = None,
+) -> str:
     counts = results.get("counts") or {}
     lines = [
         "# Self-Improving Pretraining: demo report",
         "",
-        markdown_table(results),
+        markdown_table(results, learned),
         "",
         "Safety: share of continuations of the unsafe prefixes the judge finds safe. "
         "Factuality: mean factuality score over every prefix. Win rate: SIP vs baseline on "
         "the same prefix, judged in both orders (win 1, tie 0.5, loss 0; disagreeing orders "
-        "tie), with a 95% bootstrap interval.",
+        "tie), with a 95% bootstrap interval; 'both safe': over the prefixes whose two "
+        "continuations the judge finds safe.",
     ]
     if counts:
         lines += ["", "Prefixes: " + ", ".join(f"{name} {n}" for name, n in counts.items())]
     if results.get("judge"):
-        lines += [f"Judge: `{results['judge']}`"]
+        lines += [f"Graded by: `{results['judge']}` (every column)"]
+    if learned is not None:
+        lines += [
+            "Trained with: the baseline with no judge (NLL); SIP (oracle roles) with the oracle "
+            "judge and rewriter, the grader itself; SIP (learned roles) with the judge and "
+            "rewriter trained below, which never saw the grader."
+        ]
+    if roles:
+        lines += ["", "## Learned roles", "", *roles_markdown(roles)]
     lines += ["", "![comparison](comparison.png)", "", "## Training", ""]
     lines += ["![reward](reward.png)", "", "![safety](safety.png)", "", "## Run", ""]
     lines += _meta_markdown(meta)
     return "\n".join(lines) + "\n"
+
+
+def pairwise_accuracy(agreement: Mapping) -> Optional[float]:
+    """judge_agreement's pairwise accuracy over every corruption (it reports them apart)."""
+    hits = total = 0
+    for task, count in agreement.get("count", {}).items():
+        if task.startswith("pairwise"):
+            hits += agreement["accuracy"][task] * count
+            total += count
+    return round(hits / total, 4) if total else None
+
+
+def judge_accuracy_summary(agreement: Mapping) -> dict:
+    """{"safety", "pairwise", "factuality"} accuracies (fractions of 1) of judge_agreement's
+    output."""
+    accuracy = agreement.get("accuracy", {})
+    return {
+        "safety": accuracy.get("safety"),
+        "pairwise": pairwise_accuracy(agreement),
+        "factuality": accuracy.get("factuality"),
+    }
+
+
+def roles_summary(judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping]) -> dict:
+    """report.json's ``roles``: the learned judge's accuracy by task on held-out labels and the
+    learned rewriter's rates after their full training (``judge["grpo"]``, ``rewriter["rl"]``:
+    judge_agreement's and rewriter_quality's outputs), and the same after SFT alone."""
+    final_judge, final_rewriter = judge["grpo"], rewriter["rl"]
+    rates = ("copy_rate", "rewrite_safety", "original_safety", "fact_fix_rate")
+    return {
+        "judge": {
+            "accuracy": judge_accuracy_summary(final_judge),
+            "accuracy_by_task": final_judge.get("accuracy", {}),
+            "accuracy_after_sft": judge_accuracy_summary(judge["sft"]),
+            "count": final_judge.get("count", {}),
+            "appeals": final_judge.get("appeals", {}),
+        },
+        "rewriter": {
+            **{name: final_rewriter.get(name) for name in rates},
+            "after_sft": {name: rewriter["sft"].get(name) for name in rates},
+            "count": final_rewriter.get("count", {}),
+            "errors": final_rewriter.get("errors", {}),
+        },
+    }
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def roles_markdown(roles: Mapping) -> list[str]:
+    """The learned roles' measurements (:func:`roles_summary`) as markdown lines."""
+    judge, rewriter = roles["judge"], roles["rewriter"]
+    lines = [
+        "Judge: accuracy on held-out labelled tasks (judge_val.jsonl; fractions of 1).",
+        "",
+        "| Task | after SFT | after SFT + GRPO |",
+        "|---|---|---|",
+    ]
+    for task in ("safety", "pairwise", "factuality"):
+        lines.append(
+            f"| {task} | {_fraction(judge['accuracy_after_sft'].get(task))} | "
+            f"{_fraction(judge['accuracy'].get(task))} |"
+        )
+    for task, value in judge.get("accuracy_by_task", {}).items():
+        if task.startswith("pairwise/"):
+            lines.append(f"| {task} | | {_fraction(value)} |")
+    variants = judge.get("appeals", {}).get("variants", {})
+    if variants:
+        lines += [
+            "",
+            "Held-out appeals (families never trained on) in the judge's safety tasks:",
+            "",
+            "| Appeal (family/position/join) | accuracy | mean rise of P(safe) on unsafe | "
+            "largest rise | unsafe flipped to safe |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in variants.items():
+            lines.append(
+                f"| {name} | {_fraction(row['accuracy'])} | {row['mean_rise_on_unsafe']:+.3f} | "
+                f"{row['max_rise']:+.3f} | {row['unsafe_flipped_to_safe']} of {row['unsafe']} |"
+            )
+    lines += [
+        "",
+        "Rewriter: held-out triples (rewriter_val.jsonl), graded by the oracle.",
+        "",
+        "| Rate | after SFT | after SFT + RL |",
+        "|---|---|---|",
+    ]
+    for name, label in (
+        ("copy_rate", "copy rate on safe contexts"),
+        ("rewrite_safety", "safe rewrites of unsafe contexts"),
+        ("original_safety", "safe originals of unsafe contexts (a copy's score)"),
+        ("fact_fix_rate", "false facts corrected"),
+    ):
+        lines.append(
+            f"| {label} | {_fraction(rewriter['after_sft'].get(name))} | "
+            f"{_fraction(rewriter.get(name))} |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,34 +455,49 @@ def plot_comparison(path: Path, results: Mapping) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def headline(results: Mapping) -> dict:
-    """The report's top level: for ``baseline`` and ``sip``, ``safety`` and ``factuality`` in
+def headline(results: Mapping, learned: Optional[Mapping] = None) -> dict:
+    """The report's top level: for ``baseline`` and ``sip`` (and ``sip_learned``, SIP with the
+    learned roles, whose compare() output is ``learned``), ``safety`` and ``factuality`` in
     percent, and SIP's ``quality_win_rate`` over the baseline (and ``quality_win_rate_both_safe``,
     on the prefixes where both continuations are safe) with their 95% bootstrap intervals."""
     out: dict = {}
-    for policy in ("baseline", "sip"):
+    runs = [("baseline", results, "baseline"), ("sip", results, "sip")]
+    if learned is not None:
+        runs.append(("sip_learned", learned, "sip"))
+    for key, run, policy in runs:
         entry = {}
         for name in ("safety", "factuality", "quality_win_rate", "quality_win_rate_both_safe"):
-            metric = _metric(results, policy, name)
+            metric = _metric(run, policy, name)
             if metric is not None:
                 entry[name] = metric.get("score")
                 if "ci95" in metric:
                     entry[f"{name}_ci95"] = metric["ci95"]
-        out[policy] = entry
+        out[key] = entry
     return out
 
 
 def write_report(
-    out_dir: str | os.PathLike, results: Mapping, curves: Curves, meta: Mapping
+    out_dir: str | os.PathLike,
+    results: Mapping,
+    curves: Curves,
+    meta: Mapping,
+    learned: Optional[Mapping] = None,
+    roles: Optional[Mapping] = None,
 ) -> None:
     """report.json, report.md, reward.png, safety.png and comparison.png under ``out_dir``.
     ``results`` is compare()'s output, ``curves`` {run name: read_scalars(...)}; tags a run did
-    not log are left out of its plots."""
+    not log are left out of its plots. ``learned`` is compare()'s output for SIP with learned
+    roles and ``roles`` their measurements (:func:`roles_summary`), both optional."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(out / "reward.png", curves, REWARD_TAGS, "SIP rewards", "judge reward")
     plot_curves(out / "safety.png", curves, safety_tags(curves), "SIP safety", "safety score")
     plot_comparison(out / "comparison.png", results)
-    document = {**headline(results), "details": results, "meta": meta}
+    document = {**headline(results, learned), "details": results}
+    if learned is not None:
+        document["details_learned"] = learned
+    if roles is not None:
+        document["roles"] = roles
+    document["meta"] = meta
     write_atomically(out / "report.json", json.dumps(document, indent=2, default=str) + "\n")
-    write_atomically(out / "report.md", report_markdown(results, meta))
+    write_atomically(out / "report.md", report_markdown(results, meta, learned, roles))

@@ -55,8 +55,14 @@ class JudgeDataConfig:
     safe), so the judge knows the short texts that its conservative safety reading
     (``PromptedJudge.safety``) shows it; without them it mistakes many safe runs for unsafe."""
 
+    judge_prefix_swap_rate: float = 0.0
+    """Fraction of safety examples shown after another safety example's prefix, with the label
+    unchanged (a continuation's safety is its own): where unsafe documents are toxic
+    throughout, unsafe candidates come after toxic prefixes, and a judge trained without it
+    learns to call whatever follows a toxic prefix unsafe."""
+
     def __post_init__(self):
-        for name in ("judge_distractor_rate", "judge_window_rate"):
+        for name in ("judge_distractor_rate", "judge_window_rate", "judge_prefix_swap_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError("--" + name.replace("_", "-"), "must be in [0, 1]")
         unknown = set(self.tasks()) - set(JUDGE_TASKS)
@@ -142,13 +148,16 @@ def verdict_examples(
     seed: int = 0,
     window_rate: float = 0.0,
     window_sentences: int = SAFETY_WINDOW_SENTENCES,
+    prefix_swap_rate: float = 0.0,
 ) -> list[VerdictExample]:
     """Every task as a prompt and its verdict; pairwise ones in both orders. A
     ``distractor_rate`` share of safety/factuality candidates gets (half the time each) a clean
     sentence of another example before or after it, or an appeal of ``appeal_families``
-    anywhere; a ``window_rate`` share of safe safety candidates is cut to a run of sentences."""
+    anywhere; a ``window_rate`` share of safe safety candidates is cut to a run of sentences; a
+    ``prefix_swap_rate`` share of safety candidates gets another safety task's prefix."""
     rng = random.Random(seed)
     clean = _clean_sentences(examples) if distractor_rate > 0 else []
+    safety_prefixes = [e["prefix"] for e in examples if e["task"] == "safety"]
     out = []
     for example in examples:
         task = example["task"]
@@ -173,7 +182,10 @@ def verdict_examples(
                 candidate = f"{candidate} {extra}" if rng.random() < 0.5 else f"{extra} {candidate}"
         if task == "safety" and example["label"] and rng.random() < window_rate:
             candidate = rng.choice(sentence_windows(candidate, window_sentences, template.verdicts))
-        text = template.render(max_prefix_chars, prefix=example["prefix"], candidate=candidate)
+        prefix = example["prefix"]
+        if task == "safety" and prefix_swap_rate > 0 and rng.random() < prefix_swap_rate:
+            prefix = rng.choice(safety_prefixes)
+        text = template.render(max_prefix_chars, prefix=prefix, candidate=candidate)
         verdict = template.verdicts[0 if example["label"] else 1]
         out.append(VerdictExample(text, verdict, template.verdicts, task))
     return out
@@ -205,6 +217,7 @@ def training_examples(
         seed=seed,
         window_rate=data.judge_window_rate,
         window_sentences=window_sentences,
+        prefix_swap_rate=data.judge_prefix_swap_rate,
     )
 
 
