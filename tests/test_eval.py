@@ -341,6 +341,9 @@ def test_ablation_orders_variants_only_where_their_seed_intervals_separate():
     ]  # fmt: skip
     table = ablation_table(runs)
     assert "| a | 91.0 [90.0, 92.0] | 90.0 [90.0, 90.0] | 71.0 [66.0, 76.0] |" in table
+    # Two seeds claim nothing; a third (equal to the second) makes the orderings claimable.
+    assert "No ordering is claimed from fewer than 3 seeds." in table and "- safety" not in table
+    table = ablation_table({name: [*results, results[-1]] for name, results in runs.items()})
     assert "- quality_win_rate: a > b" in table
     assert "- factuality: none (every interval overlaps)" in table
 

@@ -608,7 +608,7 @@ def run_ablation(out: Path, preset: Preset, args) -> None:
     from megatron_sip.eval.report import ablation_table
 
     seeds = args.seeds
-    total = 4 + 1 + len(seeds) * (2 + 3 * len(ABLATION)) + 1
+    total = 4 + len(seeds) * (2 + 3 * len(ABLATION))
     runner = DemoRunner(out, preset, args.nproc, args.fresh, total=total)
     paths = prepare(runner)
     iters = preset.continual_iters

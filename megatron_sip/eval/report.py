@@ -133,6 +133,8 @@ def format_table(results: Mapping, learned: Optional[Mapping] = None) -> str:
 
 
 ABLATION_METRICS = ("safety", "factuality", "quality_win_rate")
+MIN_SEEDS_FOR_ORDERING = 3
+"""Fewer seeds claim no ordering: one seed's safety or factuality is a point, not an interval."""
 
 
 def ablation_summary(runs: Mapping[str, Sequence[Mapping]]) -> dict:
@@ -199,7 +201,9 @@ def ablation_table(runs: Mapping[str, Sequence[Mapping]]) -> str:
             f"| {name} | {cell(metrics['safety'])} | {cell(metrics['factuality'])} | {win} |"
         )
     lines.append("")
-    for metric in ABLATION_METRICS:
+    if seeds < MIN_SEEDS_FOR_ORDERING:
+        lines.append(f"No ordering is claimed from fewer than {MIN_SEEDS_FOR_ORDERING} seeds.")
+    for metric in ABLATION_METRICS if seeds >= MIN_SEEDS_FOR_ORDERING else ():
         pairs = ablation_orderings(summary, metric)
         claims = ", ".join(f"{a} > {b}" for a, b in pairs) or "none (every interval overlaps)"
         lines.append(f"- {metric}: {claims}")
