@@ -144,7 +144,7 @@ def main(argv=None) -> None:
                 prompts, training.micro_batch_size, training.seed + context.data_parallel_rank, skip
             ),
             tokenizer,
-            template.stop,
+            template,
             seed=training.seed,
         )
     else:

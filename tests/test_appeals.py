@@ -116,6 +116,36 @@ def test_prefix_swap_decouples_the_prefix_from_the_safety_label():
         JudgeDataConfig(judge_prefix_swap_rate=1.5)
 
 
+def test_balanced_safety_repeats_safe_tasks_with_their_own_draws():
+    from megatron_sip.training.judge_data import verdict_examples
+
+    examples = [
+        {"task": "safety", "prefix": f"Prefix {i}.", "label": int(i < 10),
+         "text": f"Sentence one of {i}. Sentence two of {i}. Sentence three of {i}."}
+        for i in range(35)
+    ]  # fmt: skip
+    examples.append({"task": "pairwise", "prefix": "P.", "a": "A.", "b": "B.", "label": "a"})
+    plain = verdict_examples(examples, PromptSet.load(), 300, seed=1, window_rate=1.0)
+    balanced = verdict_examples(
+        examples, PromptSet.load(), 300, seed=1, window_rate=1.0, balance_safety=True
+    )
+    # The tasks as they were (the same draws), then the safe ones again up to 25 of each.
+    assert balanced[: len(plain)] == plain
+    safety = [e for e in balanced if e.task == "safety"]
+    assert [e.verdict for e in safety].count("[[SAFE]]") == 25
+    assert [e.verdict for e in safety].count("[[UNSAFE]]") == 25
+    repeats = balanced[len(plain) :]
+    assert len(repeats) == 15 and all(e.verdict == "[[SAFE]]" for e in repeats)
+    # Each copy has its own window of its task's sentences.
+    first_copies = {e.prompt for e in plain[:5]}
+    assert {e.prompt for e in repeats[:5]} != first_copies
+    # Nothing to balance when the safe tasks are not outnumbered.
+    few_unsafe = [e for e in examples if e["task"] != "safety" or e["label"] == 1]
+    assert len(verdict_examples(few_unsafe, PromptSet.load(), 300, balance_safety=True)) == len(
+        verdict_examples(few_unsafe, PromptSet.load(), 300)
+    )
+
+
 def test_bad_judging_tasks_are_named_by_file_and_line(tmp_path):
     from megatron_sip.training.judge_data import read_tasks
 

@@ -127,6 +127,30 @@ def test_pairwise_tasks_per_document_and_their_window(demo, tmp_path):
     assert held_out and not held_out & trained
 
 
+def test_rewriter_window_cuts_originals_and_keeps_spans_whole(demo, tmp_path, roles):
+    cut = build(tmp_path / "window", 1, "--rewriter-window-chars", "180")
+    for name in FILES:
+        if not name.startswith("rewriter") and name != "stats.json":
+            assert (demo / name).read_bytes() == (cut / name).read_bytes(), name
+    before = read_jsonl(demo / "rewriter_sft.jsonl")
+    after = read_jsonl(cut / "rewriter_sft.jsonl")
+    assert [(r["id"], r["kind"], r["prefix"]) for r in before] == [
+        (r["id"], r["kind"], r["prefix"]) for r in after
+    ]
+    judge = roles[0]
+    for old, new in zip(before, after):
+        assert old["original"].startswith(new["original"])
+        if new["kind"] == "clean":
+            assert new["rewrite"] == new["original"] and len(new["original"]) <= 180
+    originals = [r["original"] for r in after]
+    assert sum(len(text) <= 180 for text in originals) > 0.8 * len(originals)
+    assert sum(len(r["original"]) for r in after) < 0.7 * sum(len(r["original"]) for r in before)
+    # No span is cut in two: every rewrite of a rant is safe, every original unsafe.
+    unsafe = [r for r in after if r["kind"] == "unsafe"]
+    assert unsafe and all(judge.safety([r["prefix"]], [r["rewrite"]])[0] == 1.0 for r in unsafe)
+    assert all(judge.safety([r["prefix"]], [r["original"]])[0] == 0.0 for r in unsafe)
+
+
 def test_rant_lexicon_subset(tmp_path):
     """--rant-lexicon-size 24: every rant word comes from one 24-word subset (plurals with their
     singular), the oracle still knows the whole lexicon, and the rest of the corpus is as

@@ -385,7 +385,7 @@ def test_rewriter_quality_counts_copies_safe_rewrites_and_fixes():
     }  # fmt: skip
     assert report["rewrite_safety"] == round(1 / 3, 4)
     assert report["original_safety"] == 0.0
-    assert report["fact_fix_rate"] == 1.0
+    assert report["false_fact_cleared_rate"] == 1.0
     assert report["missing"] == 1
     assert [e["original"] for e in report["errors"]["changed_clean"]] == ["clean two"]
     assert [e["rewrite"] for e in report["errors"]["unsafe_rewrite"]] == ["rant again", None]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_sip.roles.base import Judge
+from megatron_sip.roles.prompts import PromptSet
 from megatron_sip.training.grpo import GRPOConfig
 from megatron_sip.training.rewriter_rl import (
     RewritePrompt,
@@ -34,8 +35,9 @@ def test_a_rewrite_ends_with_its_stop_string_or_eod():
     lengths, finished = rewrite_lengths(tokens, mask, tokenizer, STOP)
     assert lengths == [len("Calm.</rewrite>"), width, len("Short") + 1]
     assert finished == [True, False, True]
-    assert rewrite_text(tokens[0, : lengths[0]].tolist(), tokenizer, STOP, 0) == "Calm."
-    assert rewrite_text(tokens[2].tolist(), tokenizer, STOP, 0) == "Short"
+    template = PromptSet.load()["rewrite"]
+    assert rewrite_text(tokens[0, : lengths[0]].tolist(), tokenizer, template, "x") == "Calm."
+    assert rewrite_text(tokens[2].tolist(), tokenizer, template, "x") == "Short"
 
 
 class TableJudge(Judge):

@@ -37,18 +37,23 @@ def test_stage_cache_follows_command_code_and_upstream(tmp_path):
     script, count = tmp_path / "stage.py", tmp_path / "runs.txt"
     script.write_text(SCRIPT.format(marker="v1"))
 
+    cache = tmp_path / "out" / "cache"
+
     def run(package="p1", upstream="u1", extra=()):
         runner = run_demo.DemoRunner(tmp_path / "out", run_demo.PRESETS["short"], 1, False, 1)
         runner.package_fingerprint = package
         runner.keys["upstream"] = upstream
         output = tmp_path / "out" / "result.txt"
         command = [sys.executable, script, output, count, *extra]
-        runner.stage("stage", command, [output], depends=["upstream"])
+        runner.stage("stage", command, [output], depends=["upstream"], stale=[cache])
         return int(count.read_text()), output.read_text()
 
     assert run() == (1, "v1")
+    cache.mkdir()  # something derived from the output, as Megatron's sample-index cache
     assert run() == (1, "v1")  # reused
+    assert cache.is_dir()  # and what derives from it kept
     assert run(package="p2") == (2, "v1")  # the package changed
+    assert not cache.exists()  # a rerun removes what derived from the old output
     script.write_text(SCRIPT.format(marker="v2"))
     assert run(package="p2") == (3, "v2")  # the stage's own script changed
     assert run(package="p2", upstream="u2") == (4, "v2")  # an upstream stage changed

@@ -154,6 +154,64 @@ def test_prompt_is_the_megatron_rewriters_and_its_cut_returns_the_rewrite(monkey
     assert "P" * 1500 in rendered[2] and "P" * 1501 not in rendered[2]
 
 
+DEMO_PACK = Path(__file__).resolve().parents[1] / "examples" / "demo" / "prompts"
+
+
+def test_unchanged_marker_is_trained_for_clean_text_and_read_back_as_the_original(monkeypatch):
+    """With '# stop: </rewrite> unchanged: [[SAME]]' (the demo's pack) a triple whose rewrite is
+    its original trains the target '[[SAME]]</rewrite>', and the colocated rewriter (like rewriter
+    RL's reading of a sample) returns the original for that reply, the rewrite for any other."""
+    from megatron_sip.inference.generation import Rollouts
+    from megatron_sip.roles import megatron_backend
+    from megatron_sip.roles.megatron_backend import MegatronRewriter
+    from megatron_sip.training.rewriter_rl import rewrite_text
+
+    pack = PromptSet.load(str(DEMO_PACK))
+    template = pack["rewrite"]
+    assert (template.stop, template.unchanged) == (STOP, "[[SAME]]")
+    triples = [TRIPLES[0], TRIPLES[1], triple(original="  Spaced out.  ", line=5)]
+    examples = rewrite_examples(triples, template, 300)
+    same = "[[SAME]]" + STOP
+    assert [e.target for e in examples] == [same, "It pours." + STOP, same]
+    tokenizer = CharTokenizer()
+
+    def generate(module, prompts, *, num_tokens, eod, **_):
+        rows = [tokenizer.tokenize(e.target + "junk")[:num_tokens] for e in examples]
+        rows = [r + [eod] * (num_tokens - len(r)) for r in rows]
+        tokens = torch.tensor(rows).view(len(rows), 1, num_tokens)
+        return Rollouts(tokens, torch.zeros(tokens.shape), torch.ones(tokens.shape))
+
+    monkeypatch.setattr(megatron_backend, "generate", generate)
+    role = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(seq_length=4096), encode=lambda p, n: [1],
+        module=None, tokenizer=tokenizer,
+    )  # fmt: skip
+    rewriter = MegatronRewriter(role, pack, max_tokens=64, max_prefix_chars=300)
+    originals = [t.original for t in triples]
+    assert rewriter.rewrite([t.prefix for t in triples], originals) == [
+        "It rains.", "It pours.", "  Spaced out.  "
+    ]  # fmt: skip
+    for example, original in zip(examples, originals):
+        ids = tokenizer.tokenize(example.target)
+        assert rewrite_text(ids, tokenizer, template, original) == template.rewrite_from(
+            example.target, original
+        )
+    # Only the whole reply is the marker; an original holding it cannot write it in the prompt.
+    assert template.rewrite_from("[[SAME]] and more" + STOP, "x") == "[[SAME]] and more"
+    prompt = template.render(300, prefix="P.", suffix="Say [[SAME]] now.")
+    assert "[[SAME]]" not in prompt
+
+
+def test_unchanged_marker_header_must_name_a_marker(tmp_path):
+    from megatron_sip.roles.prompts import load_pack
+
+    for name in ("safety", "quality", "factuality"):
+        (tmp_path / f"{name}.txt").write_text((DEMO_PACK / f"{name}.txt").read_text())
+    (tmp_path / "rewrite.txt").write_text("# stop: </rewrite> unchanged:\nRewrite {suffix}\n")
+    with pytest.raises(ConfigError, match="names no marker"):
+        load_pack(str(tmp_path), "--rewriter-prompt-dir")
+
+
 def _write(tmp_path: Path, *lines: str) -> str:
     path = tmp_path / "triples.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -107,6 +107,15 @@ def parse_args(argv=None):
         "as a SIP candidate of a fixed number of tokens is cut (0: to the end of the sentence "
         "past 300 characters)",
     )
+    parser.add_argument(
+        "--rewriter-window-chars",
+        type=int,
+        default=0,
+        help="cut each rewriter triple's original (and its rewrite) at the last word boundary "
+        "within this many characters, keeping its span whole: SIP rewrites suffixes of a fixed "
+        "number of tokens, and a rewriter can only copy what fits its token budget (0: to the "
+        "end of the sentence past 200 characters after a span, 300 for clean text)",
+    )
     args = parser.parse_args(argv)
     for name in ("unsafe_rate", "false_fact_rate", "heldout_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -115,8 +124,9 @@ def parse_args(argv=None):
         parser.error("--rants-per-unsafe-document must be at least 1")
     if args.pairwise_per_document < 1:
         parser.error("--pairwise-per-document must be at least 1")
-    if args.pairwise_window_chars < 0:
-        parser.error("--pairwise-window-chars must be 0 (to a sentence end) or positive")
+    for name in ("pairwise_window_chars", "rewriter_window_chars"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 (to a sentence end) or positive")
     if args.rant_lexicon_size < 0 or args.rant_lexicon_size == 1:
         parser.error("--rant-lexicon-size must be 0 (all) or at least 2")
     return args
@@ -252,13 +262,20 @@ def eval_prefixes(documents, rng) -> tuple[list[dict], list[dict]]:
     return safe, unsafe
 
 
-def rewriter_examples(documents, rng) -> list[dict]:
+def rewriter_examples(documents, rng, window_chars: int = 0) -> list[dict]:
     """(prefix, original, rewrite) around every span, and as many clean windows (rewrite ==
-    original), so a rewriter also learns to leave clean text alone."""
+    original), so a rewriter also learns to leave clean text alone. With ``window_chars`` an
+    original is cut at the last word boundary within that many characters (past its span), as
+    SIP's fixed-length suffixes are; else it runs to the end of a sentence."""
     examples = []
     for doc in documents:
         for span in doc.spans:
-            end = _window_end(doc.text, span.end, 200)
+            if window_chars:
+                end = max(_pairwise_end(doc.text, span.start, window_chars), span.end)
+                # A span the cut would split stays out whole: its clean version cannot be cut.
+                end = min([end] + [s.start for s in doc.spans if s.start < end < s.end])
+            else:
+                end = _window_end(doc.text, span.end, 200)
             original = doc.text[span.start : end]
             examples.append(
                 {
@@ -273,7 +290,7 @@ def rewriter_examples(documents, rng) -> list[dict]:
         boundaries = [b for b in sentence_boundaries(doc.text) if b > after_spans]
         if boundaries and (doc.spans or rng.random() < 0.3):
             start = rng.choice(boundaries)
-            end = _window_end(doc.text, start, 300)
+            end = _pairwise_end(doc.text, start, window_chars)
             examples.append(
                 {
                     "id": doc.id,
@@ -434,12 +451,12 @@ def main(argv=None) -> None:
     corpus_text = "\n".join(d.text for d in train_docs)
     safe = [row for row in safe if row["prefix"] not in corpus_text]
     unsafe = [row for row in unsafe if row["prefix"] not in corpus_text]
-    rewrites = rewriter_examples(train_docs, rng)
+    rewrites = rewriter_examples(train_docs, rng, args.rewriter_window_chars)
     pairs = (args.pairwise_per_document, args.pairwise_window_chars)
     judge_train = judge_examples(train_docs, knowledge, all_facts, rng, *pairs)
     judge_val = judge_examples(heldout_docs, knowledge, all_facts, rng, *pairs)
     # Drawn last, so the files above do not depend on it.
-    rewrites_val = rewriter_examples(heldout_docs, rng)
+    rewrites_val = rewriter_examples(heldout_docs, rng, args.rewriter_window_chars)
 
     output = Path(args.output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)

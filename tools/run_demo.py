@@ -64,8 +64,8 @@ class Preset:
 
 PRESETS = {
     "default": Preset(
-        base_iters=500, continual_iters=150, eval_prefixes=0, judge_pairwise_iters=300,
-        judge_sft_iters=400,
+        base_iters=500, continual_iters=150, eval_prefixes=0, judge_pairwise_iters=400,
+        judge_sft_iters=800,
         judge_grpo_iters=30, rewriter_sft_iters=500, rewriter_rl_iters=10,
         role_eval_examples=120,
     ),
@@ -90,9 +90,10 @@ class Stage:
         command: list[str],
         outputs: list[Path],
         depends: list[str],
+        stale: list[Path],
     ):
         self.runner, self.name, self.command, self.outputs = runner, name, command, outputs
-        self.depends = depends
+        self.depends, self.stale = depends, stale
 
     def key(self) -> str:
         """Changes when the command, a flags file it reads, the code it runs or an upstream
@@ -124,7 +125,7 @@ class Stage:
             print(f"{label}: up to date (reused)", flush=True)
             return 0.0
         stamp.unlink(missing_ok=True)
-        for path in self.outputs:
+        for path in [*self.outputs, *self.stale]:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -197,10 +198,12 @@ class DemoRunner:
         self.keys: dict[str, str] = {}
         self.commands: dict[str, str] = {}
 
-    def stage(self, name: str, command: list, outputs: list[Path], depends=()) -> None:
+    def stage(self, name: str, command: list, outputs: list[Path], depends=(), stale=()) -> None:
+        """Runs ``command`` unless its outputs are up to date; ``stale`` paths (caches derived
+        from the outputs) are removed with them before it runs."""
         command = [str(c) for c in command]
         self.commands[name] = " ".join(command)
-        self.seconds[name] = Stage(self, name, command, outputs, list(depends)).run()
+        self.seconds[name] = Stage(self, name, command, outputs, list(depends), list(stale)).run()
 
     def python(self, *args) -> list[str]:
         return [sys.executable, *map(str, args)]
@@ -244,8 +247,11 @@ def prepare(runner: DemoRunner) -> dict[str, Path]:
                       "--output-prefix", corpus, "--tokenizer-type", "GPTSentencePieceTokenizer",
                       "--tokenizer-model", f"{tokenizer}.model", "--append-eod",
                       "--workers", "1"),
+        # The sample-index cache Megatron keeps beside the dataset is keyed by the dataset's path
+        # and settings, not its tokens: a rebuilt dataset must not meet the old one's indices.
         [Path(f"{dataset}.bin"), Path(f"{dataset}.idx")],
         depends=["corpus", "tokenizer"],
+        stale=[data / "cache"],
     )  # fmt: skip
     tokenizer_flags = [
         "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", f"{tokenizer}.model"

@@ -292,7 +292,7 @@ def roles_summary(judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping])
     learned rewriter's rates after their full training (``judge["grpo"]``, ``rewriter["rl"]``:
     judge_agreement's and rewriter_quality's outputs), and the same after SFT alone."""
     final_judge, final_rewriter = judge["grpo"], rewriter["rl"]
-    rates = ("copy_rate", "rewrite_safety", "original_safety", "fact_fix_rate")
+    rates = ("copy_rate", "rewrite_safety", "original_safety", "false_fact_cleared_rate")
     return {
         "judge": {
             "accuracy": judge_accuracy_summary(final_judge),
@@ -357,7 +357,7 @@ def roles_markdown(roles: Mapping) -> list[str]:
         ("copy_rate", "copy rate on safe contexts"),
         ("rewrite_safety", "safe rewrites of unsafe contexts"),
         ("original_safety", "safe originals of unsafe contexts (a copy's score)"),
-        ("fact_fix_rate", "false facts corrected"),
+        ("false_fact_cleared_rate", "false facts cleared (corrected or dropped)"),
     ):
         lines.append(
             f"| {label} | {_fraction(rewriter['after_sft'].get(name))} | "

@@ -13,7 +13,9 @@ fractions of 1:
                    (safe and factual: nothing to fix)
   rewrite_safety   rewrites the judge finds safe on unsafe contexts
   original_safety  the originals the judge finds safe on those contexts (what a copy would get)
-  fact_fix_rate    rewrites the judge finds factual where it finds the original not factual
+  false_fact_cleared_rate  rewrites the judge finds factual where it finds the original not
+                   factual: the false claim corrected or dropped (a judge that finds no
+                   claim in a text finds it factual)
   missing          rewrites or grades that did not come back (counted as failures above)
 
 and a few examples of each kind of error. Prints one JSON object (--output also writes it).
@@ -122,7 +124,7 @@ def rewriter_quality(
         "copy_rate": _rate(copies),
         "rewrite_safety": _rate(safe_rewrites),
         "original_safety": _rate(safe_originals),
-        "fact_fix_rate": _rate(fact_fixes),
+        "false_fact_cleared_rate": _rate(fact_fixes),
         "count": {
             "examples": len(triples),
             "clean_contexts": len(copies),

@@ -232,12 +232,9 @@ class MegatronRewriter(Rewriter):
         if self.offload:
             self.role.offload()
         texts = []
-        for tokens in rollouts.as_candidates():
+        for tokens, original in zip(rollouts.as_candidates(), suffixes):
             ids = [t for t in tokens[0] if t != self.role.tokenizer.eod]
-            text = self.role.tokenizer.detokenize(ids)
-            if self.template.stop and self.template.stop in text:
-                text = text.split(self.template.stop)[0]
-            texts.append(text.strip())
+            texts.append(self.template.rewrite_from(self.role.tokenizer.detokenize(ids), original))
         return texts
 
 

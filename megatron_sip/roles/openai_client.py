@@ -573,16 +573,10 @@ class OpenAIRewriter(Rewriter):
         ]
         stop = [self.template.stop] if self.template.stop else None
         answers = self.sender.send(prompts, max_tokens=self.max_tokens, temperature=0.0, stop=stop)
-        texts: list[Optional[str]] = []
-        for answer in answers:
-            if answer is None:
-                texts.append(None)
-                continue
-            text = answer.text
-            if self.template.stop and self.template.stop in text:
-                text = text.split(self.template.stop)[0]
-            texts.append(text.strip())
-        return texts
+        return [
+            None if answer is None else self.template.rewrite_from(answer.text, original)
+            for answer, original in zip(answers, suffixes)
+        ]
 
     def describe_failures(self) -> str:
         return self.client.describe()

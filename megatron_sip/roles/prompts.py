@@ -1,11 +1,12 @@
 """Judge and rewriter prompt templates: one file per objective in a prompt directory.
 
 A template's first line names its verdict strings (``# verdicts: [[A]] [[B]]``, the positive
-verdict first) or, for the rewriter, its stop string (``# stop: </rewrite>``); the rest is the
-prompt, with ``{prefix}`` and ``{candidate}`` (``{a}``/``{b}`` for pairwise quality,
-``{suffix}`` for the rewriter) between explicit tags. Candidate text is sanitised before it is
-put between the tags: it cannot close a tag or write a verdict string. The prompt ends at the
-answer position (the verdict is the very next token).
+verdict first) or, for the rewriter, its stop string (``# stop: </rewrite>``, optionally followed
+by ``unchanged: [[SAME]]``, a reply that stands for the original itself); the rest is the prompt,
+with ``{prefix}`` and ``{candidate}`` (``{a}``/``{b}`` for pairwise quality, ``{suffix}`` for the
+rewriter) between explicit tags. Candidate text is sanitised before it is put between the tags:
+it cannot close a tag or write a verdict string. The prompt ends at the answer position (the
+verdict is the very next token).
 
 Safety is read conservatively (:meth:`PromptedJudge.safety`): a candidate is cut into sentences
 and judged as every run of up to ``safety_window_sentences`` consecutive sentences; its score is
@@ -107,6 +108,9 @@ class Template:
     body: str
     verdicts: tuple[str, ...] = ()
     stop: Optional[str] = None
+    unchanged: Optional[str] = None
+    """A rewriter's reply meaning "the original needs no change" (``# stop: S unchanged: U``):
+    a small rewriter learns to say so where it cannot learn to copy 64 tokens exactly."""
     sections: tuple[tuple[str, str], ...] = ()
     """A chat template's (role, text) sections, the assistant's (the prefill) last; empty for a
     plain template, whose ``body`` is the whole prompt."""
@@ -121,8 +125,19 @@ class Template:
         """Verdict strings a candidate must not contain: a plain template's (``[[SAFE]]``, which
         would speak for the judge in its own voice). A chat template's verdicts are ordinary
         words (Yes, A) that the candidate's message cannot answer for; its control tokens are
-        what is removed instead."""
-        return () if self.chat else self.verdicts
+        what is removed instead. A rewriter's unchanged marker is one too: an original holding it
+        must not be read as a reply."""
+        if self.chat:
+            return ()
+        return self.verdicts + ((self.unchanged,) if self.unchanged else ())
+
+    def rewrite_from(self, reply: str, original: str) -> str:
+        """The rewrite a rewriter's ``reply`` gives for ``original``: the reply up to the stop
+        string, stripped; the unchanged marker is the original itself."""
+        if self.stop and self.stop in reply:
+            reply = reply.split(self.stop)[0]
+        reply = reply.strip()
+        return original if self.unchanged and reply == self.unchanged else reply
 
     def render(self, max_prefix_chars: int, **fields: str):
         """The prompt for ``fields``: text for a plain template, a :class:`Conversation` for a
@@ -209,9 +224,17 @@ def _parse(name: str, path: str, text: str, template_kwargs: dict) -> Template:
             raise ValueError(f"{path}:1: expected two verdict strings, got {verdicts}")
         fields = {"verdicts": verdicts}
     elif header.startswith("# stop:"):
-        fields = {"stop": header[len("# stop:") :].strip()}
+        stop, _, unchanged = header[len("# stop:") :].partition(" unchanged:")
+        fields = {"stop": stop.strip()}
+        if unchanged.strip():
+            fields["unchanged"] = unchanged.strip()
+        elif _:
+            raise ValueError(f"{path}:1: 'unchanged:' names no marker")
     else:
-        raise ValueError(f"{path}:1: a template starts with '# verdicts: X Y' or '# stop: S'")
+        raise ValueError(
+            f"{path}:1: a template starts with '# verdicts: X Y' or '# stop: S' (optionally "
+            "followed by 'unchanged: U')"
+        )
     if _SECTION.match(body):
         fields["sections"] = _sections(path, body)
         fields["template_kwargs"] = tuple(sorted(template_kwargs.items()))

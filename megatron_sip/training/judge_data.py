@@ -61,6 +61,12 @@ class JudgeDataConfig:
     throughout, unsafe candidates come after toxic prefixes, and a judge trained without it
     learns to call whatever follows a toxic prefix unsafe."""
 
+    judge_balance_safety: bool = False
+    """Repeat the safe-labelled safety tasks (each copy with its own distractor, window and
+    prefix draws) until they are as many as the unsafe ones. The judge reads a candidate
+    conservatively (the lowest P(safe) over its runs of sentences): one run wrongly called unsafe
+    makes the whole text unsafe, and a judge trained on mostly unsafe tasks leans that way."""
+
     def __post_init__(self):
         for name in ("judge_distractor_rate", "judge_window_rate", "judge_prefix_swap_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -149,17 +155,20 @@ def verdict_examples(
     window_rate: float = 0.0,
     window_sentences: int = SAFETY_WINDOW_SENTENCES,
     prefix_swap_rate: float = 0.0,
+    balance_safety: bool = False,
 ) -> list[VerdictExample]:
     """Every task as a prompt and its verdict; pairwise ones in both orders. A
     ``distractor_rate`` share of safety/factuality candidates gets (half the time each) a clean
     sentence of another example before or after it, or an appeal of ``appeal_families``
     anywhere; a ``window_rate`` share of safe safety candidates is cut to a run of sentences; a
-    ``prefix_swap_rate`` share of safety candidates gets another safety task's prefix."""
+    ``prefix_swap_rate`` share of safety candidates gets another safety task's prefix. With
+    ``balance_safety`` the safe safety tasks come again (after all tasks, each copy with its own
+    draws) until they match the unsafe ones in number."""
     rng = random.Random(seed)
     clean = _clean_sentences(examples) if distractor_rate > 0 else []
     safety_prefixes = [e["prefix"] for e in examples if e["task"] == "safety"]
     out = []
-    for example in examples:
+    for example in [*examples, *(_safe_repeats(examples) if balance_safety else [])]:
         task = example["task"]
         if task == "pairwise":
             template = prompts["quality"]
@@ -191,6 +200,15 @@ def verdict_examples(
     return out
 
 
+def _safe_repeats(examples: Sequence[dict]) -> list[dict]:
+    """Safe safety tasks, cycled, as many as the unsafe ones outnumber them."""
+    safe = [e for e in examples if e["task"] == "safety" and e["label"] == 1]
+    missing = sum(e["task"] == "safety" and e["label"] == 0 for e in examples) - len(safe)
+    if not safe or missing <= 0:
+        return []
+    return [safe[i % len(safe)] for i in range(missing)]
+
+
 def training_examples(
     data: JudgeDataConfig,
     prompts: PromptSet,
@@ -218,6 +236,7 @@ def training_examples(
         window_rate=data.judge_window_rate,
         window_sentences=window_sentences,
         prefix_swap_rate=data.judge_prefix_swap_rate,
+        balance_safety=data.judge_balance_safety,
     )
 
 

@@ -96,7 +96,8 @@ def rewrite_examples(
     triples: Sequence[RewriteTriple], template: Template, max_prefix_chars: int
 ) -> list[RewriteExample]:
     """Each triple as the prompt ``MegatronRewriter.rewrite`` renders for (prefix, original) and
-    its target: the rewrite, stripped as the rewriter strips its output, then the stop string."""
+    its target: the rewrite, stripped as the rewriter strips its output (the template's unchanged
+    marker where it is the original), then the stop string."""
     if not template.stop:
         raise ConfigError(
             "--rewriter-prompt-dir",
@@ -112,6 +113,9 @@ def rewrite_examples(
                 "--rewriter-train-data",
                 f"{triple.source}: the rewrite contains the stop string {template.stop!r}",
             )
+        if template.unchanged and rewrite == triple.original.strip():
+            # The rewriter answers that nothing changes; the backend returns the original.
+            rewrite = template.unchanged
         prompt = template.render(max_prefix_chars, prefix=triple.prefix, suffix=triple.original)
         examples.append(
             RewriteExample(prompt, rewrite + template.stop, template.stop, triple.source)

@@ -29,7 +29,7 @@ from megatron_sip.models.checkpointing import unwrap_model
 from megatron_sip.ops.dpo import target_log_probs
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Judge, score_present
-from megatron_sip.roles.prompts import encode_prompt
+from megatron_sip.roles.prompts import Template, encode_prompt
 from megatron_sip.roles.rewards import context_is_safe, rewriter_reward
 from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.grpo import GRPOConfig, group_advantages, grpo_loss
@@ -112,12 +112,11 @@ def rewrite_lengths(
     return lengths, finished
 
 
-def rewrite_text(tokens: Sequence[int], tokenizer, stop: str, eod: Optional[int]) -> str:
-    """What the colocated rewriter returns for these generated tokens."""
-    text = tokenizer.detokenize([t for t in tokens if t != eod])
-    if stop and stop in text:
-        text = text.split(stop)[0]
-    return text.strip()
+def rewrite_text(tokens: Sequence[int], tokenizer, template: Template, original: str) -> str:
+    """What the colocated rewriter returns for these generated tokens (``Template.rewrite_from``:
+    cut at the stop string; the unchanged marker is ``original``)."""
+    text = tokenizer.detokenize([t for t in tokens if t != tokenizer.eod])
+    return template.rewrite_from(text, original)
 
 
 @dataclasses.dataclass
@@ -239,7 +238,7 @@ def rewriter_rl_trainer(
     judge: Judge,
     prompts: Iterator[list[RewritePrompt]],
     tokenizer,
-    stop: str,
+    template: Template,
     seed: int,
 ) -> Trainer:
     """The loop's view of rewriter RL: each step samples the global batch's rewrites, has them
@@ -270,10 +269,15 @@ def rewriter_rl_trainer(
             )
             flat_tokens = rollouts.tokens.reshape(-1, rollouts.tokens.shape[-1])
             lengths, finished = rewrite_lengths(
-                flat_tokens, rollouts.mask.reshape(flat_tokens.shape), tokenizer, stop
+                flat_tokens, rollouts.mask.reshape(flat_tokens.shape), tokenizer, template.stop
             )
             texts = [
-                rewrite_text(flat_tokens[i, : lengths[i]].tolist(), tokenizer, stop, tokenizer.eod)
+                rewrite_text(
+                    flat_tokens[i, : lengths[i]].tolist(),
+                    tokenizer,
+                    template,
+                    chunk[i // groups].original,
+                )
                 for i in range(len(lengths))
             ]
             judged = judge_rewrites(
