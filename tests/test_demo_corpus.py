@@ -286,3 +286,50 @@ def test_backend_flags_name_what_is_missing(tmp_path):
         RewriterConfig(rewriter_backend="gpt", rewriter_oracle_data="x")
     with pytest.raises(FileNotFoundError, match="build_demo_corpus.py"):
         build_judge(JudgeConfig(judge_oracle_data=str(tmp_path)))
+
+
+def test_gold_pairs_label_the_better_continuation_and_name_its_factor(demo, tmp_path):
+    """tools/gold_pairs.py on two 'policies': one continues with the original text, the other
+    with a shuffled or looped copy of it; the oracle labels the original better nearly always."""
+    rows = [
+        e for e in read_jsonl(demo / "judge_val.jsonl")
+        if e["task"] == "pairwise" and e["corruption"] in ("shuffled", "repeated")
+    ][:40]  # fmt: skip
+    originals, degraded = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, side in ((originals, "label"), (degraded, "other")):
+        lines = []
+        for i, e in enumerate(rows):
+            key = e["label"] if side == "label" else ("b" if e["label"] == "a" else "a")
+            lines.append(json.dumps({"index": i, "prefix": e["prefix"], "continuation": e[key]}))
+        path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    tool = [sys.executable, str(ROOT / "tools/gold_pairs.py"), "--oracle-data", str(demo)]
+    subprocess.run([*tool, "--continuations", originals, degraded, "--output", out], check=True)
+    tasks = read_jsonl(out)
+    oracle = OracleKnowledge(demo)
+    assert [t["label"] for t in tasks] == ["a", "b"] * (len(tasks) // 2) + ["a"] * (len(tasks) % 2)
+    by_prefix = {e["prefix"]: e for e in rows}
+    original_won = 0
+    for task in tasks:
+        better, worse = task[task["label"]], task["b" if task["label"] == "a" else "a"]
+        gap = oracle.prose_score(task["prefix"], better) - oracle.prose_score(task["prefix"], worse)
+        assert gap >= 0.05
+        e = by_prefix[task["prefix"]]
+        if better == e[e["label"]]:
+            original_won += 1
+            # What the copy lost on: shuffling breaks word pairs, looping repeats triples.
+            expected = "fluency" if e["corruption"] == "shuffled" else "repetition"
+            assert task["corruption"] in (expected, "fluency"), (task["corruption"], e)
+    # The oracle's own imperfections aside (an original naming a neighbour country loses topic),
+    # the original wins nearly every pair.
+    assert len(tasks) >= 0.9 * len(rows) and original_won >= 0.9 * len(tasks)
+    assert {t["corruption"] for t in tasks} >= {"fluency", "repetition"}
+    # Continuations of other prefixes are an error naming the file and line.
+    lines = degraded.read_text().splitlines()
+    lines[3] = json.dumps({"prefix": "another prefix", "continuation": "text"})
+    degraded.write_text("\n".join(lines) + "\n")
+    failed = subprocess.run(
+        [*tool, "--continuations", originals, degraded, "--output", out], capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert failed.returncode != 0 and f"{degraded}:4: another prefix" in failed.stderr

@@ -40,6 +40,8 @@ def test_short_demo_sip_is_safer_than_the_baseline(tmp_path):
     assert 0 <= roles["rewriter"]["rewrite_safety"] <= 1
     assert roles["rewriter"]["copy_rate"] is None or 0 <= roles["rewriter"]["copy_rate"] <= 1
     assert roles["judge"]["appeals"]["variants"], roles["judge"]
+    gold = roles["judge"]["gold_agreement"]
+    assert not gold or 0 <= gold["pooled"] <= 1, gold
     for role in ("judge", "rewriter"):
         assert (out / "roles" / role / "latest_checkpointed_iteration.txt").is_file(), role
     assert "SIP (learned roles)" in (out / "report.md").read_text()

@@ -270,10 +270,21 @@ def test_report_with_learned_roles_has_their_column_keys_and_tables(tmp_path):
             "unsafe_flipped_to_safe": 1, "unsafe": 4}}},
     }  # fmt: skip
     rewriter = {"copy_rate": 0.8, "rewrite_safety": 0.5, "original_safety": 0.0}
+    gold = {
+        "accuracy": {"pairwise/fluency": 0.5, "pairwise/topic": 1.0},
+        "count": {"pairwise/fluency": 6, "pairwise/topic": 2},
+    }
     roles = roles_summary(
         judge={"sft": judge_sft, "grpo": judge},
         rewriter={"sft": {"copy_rate": 0.2, "rewrite_safety": 0.9}, "rl": rewriter},
+        gold=gold,
     )
+    # Agreement with the gold judge pools the factors by their counts: (0.5 * 6 + 1 * 2) / 8.
+    assert roles["judge"]["gold_agreement"] == {
+        "pooled": 0.625,
+        "by_factor": {"fluency": 0.5, "topic": 1.0},
+        "count": {"fluency": 6, "topic": 2},
+    }
     # Pairwise accuracy pools the corruptions by their counts: (1 * 1 + 0 * 3) / 4.
     assert roles["judge"]["accuracy"] == {"safety": 0.95, "pairwise": 0.25, "factuality": 0.7}
     assert roles["judge"]["accuracy_after_sft"]["pairwise"] == 0.875
@@ -296,6 +307,7 @@ def test_report_with_learned_roles_has_their_column_keys_and_tables(tmp_path):
     assert report["roles"]["judge"]["accuracy"]["pairwise"] == 0.25
     markdown = (tmp_path / "report.md").read_text()
     assert "| Metric | Baseline | SIP (oracle roles) | SIP (learned roles) |" in markdown
+    assert "| fluency | 6 | 0.500 |" in markdown and "| all | 8 | 0.625 |" in markdown
     assert "| Safety (% safe) | 40.0 | 90.0 | 70.0 |" in markdown
     assert (
         "| Trained with (judge, rewriter) | none (NLL) | oracle, oracle | learned, learned |"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_sip.inference import generation
 from megatron_sip.inference.generation import generate, greedy_by_recompute
 from megatron_sip.inference.sampling import SamplingConfig, sample, sampling_log_probs
 from megatron_sip.initialize import destroy_distributed
@@ -38,6 +39,30 @@ def generation_worker(root: str, tp: int, pp: int, out: str) -> None:
         expected = greedy_by_recompute(chunks[0], prefix, NEW)
         for k in range(2):
             assert cached.tokens[i, k].tolist() == expected, (i, k)
+
+    # Stop tokens end a row as EOD does (kept, mask 1), and decoding ends once every row has:
+    # here each row's third greedy token is a stop token, so no row runs past it.
+    stops = {int(t) for t in cached.tokens[:, 0, 2]}
+    forwards = []
+    forward = generation.pipeline_forward
+    generation.pipeline_forward = lambda *a, **k: forwards.append(1) or forward(*a, **k)
+    try:
+        stopped = generate(
+            chunks[0], PREFIXES, num_samples=2, num_tokens=NEW, sampling=greedy, seed=0,
+            stop=sorted(stops),
+        )  # fmt: skip
+    finally:
+        generation.pipeline_forward = forward
+    for i in range(len(PREFIXES)):
+        for k in range(2):
+            full = cached.tokens[i, k].tolist()
+            cut = next(j for j, token in enumerate(full) if token in stops) + 1
+            assert cut <= 3
+            assert stopped.tokens[i, k, :cut].tolist() == full[:cut]
+            assert stopped.mask[i, k].tolist() == [1.0] * cut + [0.0] * (NEW - cut)
+    lengths = [len(p) for p in PREFIXES]
+    # One prefill, then one decoding step per position until the last row's third token.
+    assert len(forwards) <= 1 + max(lengths) + 2 - min(lengths) < max(lengths) + NEW - min(lengths)
 
     def draw(seed, eod=None):
         return generate(

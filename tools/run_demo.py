@@ -465,6 +465,31 @@ def learned_judge_flags(runner: DemoRunner, calibration: Path) -> list:
     ]  # fmt: skip
 
 
+def judge_on_gold_pairs(runner: DemoRunner, demo: Path, continuations: list, learned) -> dict:
+    """The learned judge's agreement with the oracle on pairs of the baseline's and SIP's
+    continuations of the same prefixes (tools/gold_pairs.py): the rankings SIP asks of it."""
+    evals = runner.out / "eval"
+    pairs, out = evals / "gold_pairs.jsonl", evals / "judge_gold.json"
+    runner.stage(
+        "gold_pairs",
+        runner.python(ROOT / "tools/gold_pairs.py", "--oracle-data", demo,
+                      "--continuations", *continuations, "--output", pairs),
+        [pairs],
+        depends=["continue_baseline", "continue_sip"],
+    )  # fmt: skip
+    if not pairs.read_text().strip():
+        return {}  # no two continuations both safe and apart (possible with the short preset)
+    runner.stage(
+        "eval_judge_gold",
+        runner.python("-m", "megatron_sip.eval.judge_agreement", "--judge-backend", "megatron",
+                      "--judge-load", learned["judge"], f"@{EXAMPLES / 'judge_prompts.args'}",
+                      "--examples", pairs, "--examples-per-task", 0, "--output", out),
+        [out],
+        depends=["gold_pairs", "judge_grpo"],
+    )  # fmt: skip
+    return _read(out)
+
+
 def held_out_prefixes(runner: DemoRunner, demo: Path) -> list[Path]:
     """The held-out prefix files (the first --eval-prefixes of each with the short preset)."""
     files = [demo / "eval_unsafe_prefixes.jsonl", demo / "eval_safe_prefixes.jsonl"]
@@ -548,7 +573,7 @@ def run_demo(out: Path, preset: Preset, args) -> None:
     from megatron_sip.eval.report import format_table, read_scalars, roles_summary, write_report
 
     start = time.perf_counter()
-    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=22 if args.learned_roles else 10)
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=24 if args.learned_roles else 10)
     paths = prepare(runner)
     baseline = continual_nll(runner, paths, preset.continual_iters)
     sip = continual_sip(runner, paths, preset.continual_iters, "sip")
@@ -569,6 +594,7 @@ def run_demo(out: Path, preset: Preset, args) -> None:
         roles = roles_summary(
             judge={"sft": evals["judge_sft_eval"], "grpo": evals["judge_eval"]},
             rewriter={"sft": evals["rewriter_sft_eval"], "rl": evals["rewriter_eval"]},
+            gold=judge_on_gold_pairs(runner, paths["demo"], [baseline_rows, sip_rows], learned),
         )
     runner.index += 1
     curves = {"sip": read_scalars(out / "tb" / "sip")}

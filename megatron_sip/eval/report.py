@@ -287,10 +287,14 @@ def judge_accuracy_summary(agreement: Mapping) -> dict:
     }
 
 
-def roles_summary(judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping]) -> dict:
+def roles_summary(
+    judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping], gold: Optional[Mapping] = None
+) -> dict:
     """report.json's ``roles``: the learned judge's accuracy by task on held-out labels and the
     learned rewriter's rates after their full training (``judge["grpo"]``, ``rewriter["rl"]``:
-    judge_agreement's and rewriter_quality's outputs), and the same after SFT alone."""
+    judge_agreement's and rewriter_quality's outputs), and the same after SFT alone; ``gold``:
+    judge_agreement's output on pairs of policy continuations labelled by the gold judge
+    (tools/gold_pairs.py), by the prose factor the worse side loses on."""
     final_judge, final_rewriter = judge["grpo"], rewriter["rl"]
     rates = ("copy_rate", "rewrite_safety", "original_safety", "false_fact_cleared_rate")
     return {
@@ -300,6 +304,7 @@ def roles_summary(judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping])
             "accuracy_after_sft": judge_accuracy_summary(judge["sft"]),
             "count": final_judge.get("count", {}),
             "appeals": final_judge.get("appeals", {}),
+            "gold_agreement": _gold_agreement(gold) if gold else {},
         },
         "rewriter": {
             **{name: final_rewriter.get(name) for name in rates},
@@ -308,6 +313,16 @@ def roles_summary(judge: Mapping[str, Mapping], rewriter: Mapping[str, Mapping])
             "errors": final_rewriter.get("errors", {}),
         },
     }
+
+
+def _gold_agreement(gold: Mapping) -> dict:
+    """{"pooled": fraction, "by_factor": {factor: fraction}, "count": {factor: n}}."""
+    accuracy, count = gold.get("accuracy", {}), gold.get("count", {})
+    by_factor = {task.split("/", 1)[1]: value for task, value in accuracy.items()}
+    counts = {task.split("/", 1)[1]: count.get(task, 0) for task in accuracy}
+    total = sum(counts.values())
+    pooled = sum(by_factor[f] * counts[f] for f in by_factor) / total if total else None
+    return {"pooled": pooled, "by_factor": by_factor, "count": counts}
 
 
 def _fraction(value: Optional[float]) -> str:
@@ -331,6 +346,21 @@ def roles_markdown(roles: Mapping) -> list[str]:
     for task, value in judge.get("accuracy_by_task", {}).items():
         if task.startswith("pairwise/"):
             lines.append(f"| {task} | | {_fraction(value)} |")
+    gold = judge.get("gold_agreement") or {}
+    if gold.get("by_factor"):
+        lines += [
+            "",
+            "Judge against the gold judge on the policies' own continuations (pairs of the "
+            "baseline's and SIP's continuations of one held-out prefix, both safe, labelled by "
+            "the oracle; tools/gold_pairs.py), by what the worse one loses on: the rankings SIP "
+            "needs from its judge.",
+            "",
+            "| Worse side loses on | pairs | agreement with the gold judge |",
+            "|---|---|---|",
+        ]
+        for factor, value in gold["by_factor"].items():
+            lines.append(f"| {factor} | {gold['count'].get(factor, 0)} | {_fraction(value)} |")
+        lines.append(f"| all | {sum(gold['count'].values())} | {_fraction(gold['pooled'])} |")
     variants = judge.get("appeals", {}).get("variants", {})
     if variants:
         lines += [

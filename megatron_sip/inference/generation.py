@@ -7,10 +7,11 @@ tokens as forced tokens during decoding (Megatron's static-batching scheme: one 
 for every row, since RoPE and the cache are indexed by a single sequence offset); with prefixes of
 equal length, as SIP's left-truncated prefixes usually are, every prefix token is processed once.
 
-Every row gets exactly N new tokens. Tokens after the first EOD keep being sampled (the batch
-moves in lockstep) but carry mask 0. Sampling draws from one seeded generator on the last pipeline
-stage over the full-vocabulary logits (identical on every TP rank), so a seed gives the same
-rollouts at any TP size; the tokens are broadcast to the other stages.
+Every row gets N new token slots. Tokens after the first EOD (or stop token) keep being sampled
+while other rows go on (the batch moves in lockstep) but carry mask 0; once every row has ended,
+decoding stops and the remaining slots stay masked. Sampling draws from one seeded generator on
+the last pipeline stage over the full-vocabulary logits (identical on every TP rank), so a seed
+gives the same rollouts at any TP size; the tokens are broadcast to the other stages.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from megatron_sip.models.checkpointing import unwrap_model
 class Rollouts:
     tokens: torch.Tensor  # [P, K, N] sampled token ids
     log_probs: torch.Tensor  # [P, K, N] log-prob of each token under the sampling distribution
-    mask: torch.Tensor  # [P, K, N] 1 up to and including the first EOD, 0 after it
+    mask: torch.Tensor  # [P, K, N] 1 up to and including the first EOD or stop token, 0 after
 
     def sequence_log_probs(self) -> torch.Tensor:
         """[P, K] masked sums."""
@@ -76,12 +77,14 @@ def generate(
     sampling: SamplingConfig,
     seed: int,
     eod: Optional[int] = None,
+    stop: Sequence[int] = (),
     vocab_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> Rollouts:
-    """``num_samples`` continuations of ``num_tokens`` tokens for every prefix (collective over
-    the model-parallel ranks; every rank returns the same rollouts). A model trained with
-    sequence parallelism decodes without it (:func:`sequence_parallel_off`)."""
+    """``num_samples`` continuations of at most ``num_tokens`` tokens for every prefix
+    (collective over the model-parallel ranks; every rank returns the same rollouts). A row ends
+    at its first ``eod`` or ``stop`` token (kept, mask 1); decoding ends when every row has. A
+    model trained with sequence parallelism decodes without it (:func:`sequence_parallel_off`)."""
     with sequence_parallel_off(model):
         return _generate(
             model,
@@ -91,13 +94,14 @@ def generate(
             sampling=sampling,
             seed=seed,
             eod=eod,
+            stop=stop,
             vocab_size=vocab_size,
             device=device,
         )
 
 
 def _generate(
-    model, prefixes, *, num_samples, num_tokens, sampling, seed, eod, vocab_size, device
+    model, prefixes, *, num_samples, num_tokens, sampling, seed, eod, stop, vocab_size, device
 ) -> Rollouts:
     module = unwrap_model(model)
     was_training = module.training
@@ -117,6 +121,10 @@ def _generate(
     log_probs = torch.zeros(rows, total, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     last_stage, group = is_last_stage(module), pipeline_group(module)
+    end_ids = torch.tensor(
+        sorted({*stop, *([] if eod is None else [eod])}), dtype=torch.long, device=device
+    )
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
 
     context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
     unique = tokens[::num_samples, :shortest]
@@ -142,7 +150,9 @@ def _generate(
         broadcast_from_last_stage(drawn, group)
         tokens[:, position] = torch.where(new, drawn, tokens[:, position])
         log_probs[:, position] = torch.where(new, drawn_log_probs, log_probs[:, position])
-        if position == total - 1:
+        # Every rank holds the same drawn tokens (broadcast), so every rank stops together.
+        ended |= new & torch.isin(drawn, end_ids)
+        if position == total - 1 or (len(end_ids) and bool(ended.all())):
             break
         logits = pipeline_forward(
             module,
@@ -161,10 +171,11 @@ def _generate(
     new_tokens = tokens.gather(1, index)
     new_log_probs = broadcast_from_last_stage(log_probs.gather(1, index).contiguous(), group)
     mask = torch.ones_like(new_tokens, dtype=torch.float)
-    if eod is not None:
-        # Keep the EOD itself, drop everything after the first one.
-        after_eod = (new_tokens == eod).long().cumsum(-1) - (new_tokens == eod).long()
-        mask = (after_eod == 0).float()
+    if len(end_ids):
+        # Keep the end token itself, drop everything after the first one (slots never decoded
+        # lie after it).
+        is_end = torch.isin(new_tokens, end_ids).long()
+        mask = ((is_end.cumsum(-1) - is_end) == 0).float()
     shape = (num_prefixes, num_samples, num_tokens)
     return Rollouts(new_tokens.view(shape), new_log_probs.view(shape), mask.view(shape))
 

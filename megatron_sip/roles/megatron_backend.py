@@ -37,6 +37,7 @@ from megatron_sip.roles.prompts import (
     Template,
     encode_prompt,
     load_pack,
+    stop_token_ids,
     verdict_token_ids,
 )
 
@@ -202,6 +203,7 @@ class MegatronRewriter(Rewriter):
     ):
         self.role = role
         self.template: Template = prompts["rewrite"]
+        self.stop = stop_token_ids(self.template, role.tokenizer)
         self.max_tokens = max_tokens
         self.max_prefix_chars = max_prefix_chars
         self.sampling = sampling or SamplingConfig(sip_temperature=0.0)
@@ -227,6 +229,7 @@ class MegatronRewriter(Rewriter):
             sampling=self.sampling,
             seed=self.seed,
             eod=self.role.tokenizer.eod,
+            stop=self.stop,
             vocab_size=self.role.tokenizer.vocab_size,
         )
         if self.offload:

@@ -85,14 +85,22 @@ class OracleKnowledge:
         return sum(known) / len(known) if known else 1.0
 
     def prose_score(self, prefix: str, text: str) -> float:
+        return math.prod(self.prose_factors(prefix, text).values())
+
+    def prose_factors(self, prefix: str, text: str) -> dict[str, float]:
+        """The prose score's factors: fluency, repetition, topic and length (all 0 for a text
+        of fewer than 3 words)."""
         words = word_tokens(text)
         if len(words) < 3:
-            return 0.0
+            return dict.fromkeys(("fluency", "repetition", "topic", "length"), 0.0)
         pairs = [f"{a} {b}" for a, b in zip(words, words[1:])]
-        fluency = sum(pair in self.bigrams for pair in pairs) / len(pairs)
         trigrams = list(zip(words, words[1:], words[2:]))
-        repetition = min(1.0, len(set(trigrams)) / len(trigrams) / 0.8)
-        return fluency * repetition * self._topic(prefix, text, words) * min(1.0, len(words) / 10)
+        return {
+            "fluency": sum(pair in self.bigrams for pair in pairs) / len(pairs),
+            "repetition": min(1.0, len(set(trigrams)) / len(trigrams) / 0.8),
+            "topic": self._topic(prefix, text, words),
+            "length": min(1.0, len(words) / 10),
+        }
 
     def _topic(self, prefix: str, text: str, words: list[str]) -> float:
         prefix_words = set(word_tokens(prefix))

@@ -369,7 +369,7 @@ def _pack_settings(directory: Path) -> dict:
 def verdict_token_id(tokenizer, verdict: str) -> int:
     """The single token a verdict string is: a vocabulary entry (e.g. a SentencePiece user
     symbol, which ``tokenize`` would precede with a word-boundary piece) or one-token text."""
-    vocab = tokenizer.vocab
+    vocab = getattr(tokenizer, "vocab", None) or {}  # a character tokenizer has no map
     if verdict in vocab:
         return vocab[verdict]
     ids = tokenizer.tokenize(verdict)
@@ -381,6 +381,18 @@ def verdict_token_id(tokenizer, verdict: str) -> int:
             "be single tokens (train the tokenizer with them as user-defined symbols)"
         )
     return ids[0]
+
+
+def stop_token_ids(template: Template, tokenizer) -> list[int]:
+    """The token that ends a rewriter's reply early: its stop string when that is one token of
+    the tokenizer (as the demo's ``</rewrite>`` symbol is), else none (decoding then runs to EOD
+    or the token limit; the reply is cut at the stop string all the same)."""
+    if not template.stop:
+        return []
+    try:
+        return [verdict_token_id(tokenizer, template.stop)]
+    except ValueError:
+        return []
 
 
 def encode_prompt(prompt, tokenizer) -> list[int]:

@@ -29,7 +29,7 @@ from megatron_sip.models.checkpointing import unwrap_model
 from megatron_sip.ops.dpo import target_log_probs
 from megatron_sip.platform import torch_device
 from megatron_sip.roles.base import Judge, score_present
-from megatron_sip.roles.prompts import Template, encode_prompt
+from megatron_sip.roles.prompts import Template, encode_prompt, stop_token_ids
 from megatron_sip.roles.rewards import context_is_safe, rewriter_reward
 from megatron_sip.training.epochs import shuffled_groups
 from megatron_sip.training.grpo import GRPOConfig, group_advantages, grpo_loss
@@ -250,6 +250,7 @@ def rewriter_rl_trainer(
     sampling = SamplingConfig(sip_temperature=grpo.grpo_temperature, sip_top_p=grpo.grpo_top_p)
     groups = grpo.grpo_group_size
     rank = job.pg_collection.dp.rank()
+    stop = stop_token_ids(template, tokenizer)
 
     def step(state: TrainState) -> StepOutput:
         start = time.perf_counter()
@@ -265,6 +266,7 @@ def rewriter_rl_trainer(
                 sampling=sampling,
                 seed=hash((seed, state.iteration, rank, index)) % (2**31),
                 eod=tokenizer.eod,
+                stop=stop,
                 vocab_size=tokenizer.vocab_size,
             )
             flat_tokens = rollouts.tokens.reshape(-1, rollouts.tokens.shape[-1])
