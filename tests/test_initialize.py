@@ -102,6 +102,15 @@ def _comparable(world: dict) -> dict:
     return {k: v for k, v in world.items() if k not in ("launcher", "master")}
 
 
+def _free_port_in_slurm_range() -> int:
+    """A free port that ``20000 + SLURM_JOB_ID % 40000`` can name (the OS may hand out 60000+)."""
+    for _ in range(1000):
+        port = free_port()
+        if 20000 <= port < 60000:
+            return port
+    raise RuntimeError("no free port in [20000, 60000) after 1000 tries")
+
+
 @pytest.mark.slow
 def test_slurm_env_initialises_the_same_world_as_torchrun():
     port = free_port()
@@ -113,7 +122,7 @@ def test_slurm_env_initialises_the_same_world_as_torchrun():
     assert torchrun.returncode == 0, torchrun.stderr
 
     # srun with one task per rank: only SLURM's variables; the port comes from the job id.
-    job_id = free_port() - 20000
+    job_id = _free_port_in_slurm_range() - 20000
     ranks = []
     for rank in range(2):
         env = _clean_env()
