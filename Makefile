@@ -23,7 +23,7 @@ else
 endif
 	# --no-build-isolation: the C++/CUDA op builds against the venv's torch (an isolated build
 	# would download another one).
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev,eval]'
 	touch $(STAMP)
 
 # The main job on its embedded default: corpus -> tokenizer -> indexed data -> base policy ->

@@ -84,6 +84,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # Zero-shot benchmarks through lm-evaluation-harness (megatron_sip.eval.harness and
+        # the megatron_sip model); pinned: the model implements its 0.4 interface.
+        "eval": ["lm-eval[hf]==0.4.13"],
         "dev": ["pytest", "ruff"],
     },
 )
