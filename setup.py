@@ -67,6 +67,7 @@ setup(
         # from local directories only, never a hub.
         "transformers>=4.56",
         "safetensors",
+        "bm25s",  # passage retrieval of claim-level factuality (megatron_sip/eval/claims.py)
         # Judges and rewriters behind OpenAI-compatible servers (the client), and the server
         # tools/serve_judge.py runs.
         "openai>=1.40",

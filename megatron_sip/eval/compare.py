@@ -119,12 +119,14 @@ def pair_outcomes(forward: Sequence[Score], backward: Sequence[Score]) -> list[O
 def win_rate_summary(
     outcomes: Sequence[Optional[float]], *, bootstrap: int = 1000, seed: int = 0
 ) -> dict:
-    """Mean outcome in percent, its 95% percentile-bootstrap interval, tie rate, counts."""
+    """Mean outcome in percent, its 95% percentile-bootstrap interval, tie rate, position
+    consistency (% of pairs whose two orders pick the same side), counts."""
     present = np.array([o for o in outcomes if o is not None], dtype=float)
     result = {
         "score": None,
         "ci95": None,
         "tie_rate": None,
+        "position_consistency": None,
         "wins": int((present == 1.0).sum()),
         "ties": int((present == 0.5).sum()),
         "losses": int((present == 0.0).sum()),
@@ -139,6 +141,7 @@ def win_rate_summary(
             score=_percent(present.mean()),
             ci95=[_percent(low), _percent(high)],
             tie_rate=_percent(result["ties"] / present.size),
+            position_consistency=_percent((result["wins"] + result["losses"]) / present.size),
         )
     return result
 

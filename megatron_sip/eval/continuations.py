@@ -29,18 +29,9 @@ from megatron_sip.roles.megatron_backend import RoleModel
 
 
 @dataclasses.dataclass
-class ContinuationConfig:
-    """Which checkpoint continues which prefixes, and how far."""
-
-    load: Optional[str] = None
-    """Checkpoint directory of the policy (written by megatron_sip.pretrain or SIP training)."""
-
-    prefixes: Optional[list[str]] = None
-    """One or more jsonl files of held-out prefixes (rows with a "prefix" string); each file's
-    stem names its set in the output."""
-
-    output: Optional[str] = None
-    """The jsonl file of continuations to write (replaced atomically)."""
+class GenerationConfig:
+    """How far and how each held-out prefix is continued (the sampler's settings are
+    ``--sip-temperature``/``--sip-top-p``/``--sip-top-k``)."""
 
     eval_num_tokens: int = 64
     """Tokens generated per prefix (a continuation ends earlier at the first EOD)."""
@@ -60,6 +51,27 @@ class ContinuationConfig:
     """Seed of the sampler: batch b of prefixes is drawn with seed + b."""
 
     def __post_init__(self):
+        require_positive("--eval-num-tokens", self.eval_num_tokens)
+        require_positive("--eval-batch-size", self.eval_batch_size)
+        if self.eval_max_prefix_tokens is not None:
+            require_positive("--eval-max-prefix-tokens", self.eval_max_prefix_tokens)
+
+
+@dataclasses.dataclass
+class ContinuationConfig:
+    """Which checkpoint continues which prefixes, and where the continuations go."""
+
+    load: Optional[str] = None
+    """Checkpoint directory of the policy (written by megatron_sip.pretrain or SIP training)."""
+
+    prefixes: Optional[list[str]] = None
+    """One or more jsonl files of held-out prefixes (rows with a "prefix" string); each file's
+    stem names its set in the output."""
+
+    output: Optional[str] = None
+    """The jsonl file of continuations to write (replaced atomically)."""
+
+    def __post_init__(self):
         for flag, value in (
             ("--load", self.load),
             ("--prefixes", self.prefixes),
@@ -67,15 +79,16 @@ class ContinuationConfig:
         ):
             if not value:
                 raise ConfigError(flag, "required")
-        require_positive("--eval-num-tokens", self.eval_num_tokens)
-        require_positive("--eval-batch-size", self.eval_batch_size)
-        if self.eval_max_prefix_tokens is not None:
-            require_positive("--eval-max-prefix-tokens", self.eval_max_prefix_tokens)
-        stems = [Path(p).stem for p in self.prefixes]
-        if len(set(stems)) != len(stems):
-            raise ConfigError(
-                "--prefixes", f"two files share a stem (set name): {', '.join(stems)}; rename one"
-            )
+        check_prefix_files(self.prefixes)
+
+
+def check_prefix_files(paths: Sequence[str]) -> None:
+    """Each file's stem names its set: two files may not share one."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(
+            "--prefixes", f"two files share a stem (set name): {', '.join(stems)}; rename one"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +256,7 @@ def continuation_rows(prefix_files: Sequence[str]) -> list[dict]:
     return rows
 
 
-def max_prefix_tokens_for(config: ContinuationConfig, seq_length: int, limit: Optional[int]) -> int:
+def max_prefix_tokens_for(config: GenerationConfig, seq_length: int, limit: Optional[int]) -> int:
     """--eval-max-prefix-tokens, defaulting to what fits the model's sequence length."""
     if config.eval_max_prefix_tokens is None:
         longest = seq_length - config.eval_num_tokens
@@ -274,7 +287,50 @@ class ContinuationJobConfig(LaunchConfig):
     """Every setting of ``python -m megatron_sip.eval.continuations``."""
 
     sampling: SamplingConfig
+    generation: GenerationConfig
     eval: ContinuationConfig
+
+
+def continue_prefixes(
+    load: str,
+    rows: Sequence[dict],
+    generation: GenerationConfig,
+    sampling: SamplingConfig,
+    parallel,
+    context,
+) -> list[str]:
+    """The checkpoint under ``load`` (split over ``parallel``'s layout in ``context``'s groups)
+    continues every row's prefix; collective over the world, every rank returns the texts."""
+    policy = RoleModel(
+        load, parallel, context.pg_collection, model_args_file=generation.eval_model_args
+    )
+    model = policy.model_config
+    max_prefix = max_prefix_tokens_for(generation, model.seq_length, model.seq_length_limit())
+    print_rank_0(
+        f"continuations: {len(rows)} prefixes, {generation.eval_num_tokens} tokens each "
+        f"(prefixes cut to {max_prefix}), policy {load}, world {context.world_size} on "
+        f"{context.device}, DP={context.data_parallel_size}"
+    )
+    return generate_continuations(
+        policy.module,
+        policy.tokenizer,
+        [row["prefix"] for row in rows],
+        num_tokens=generation.eval_num_tokens,
+        max_prefix_tokens=max_prefix,
+        sampling=sampling,
+        seed=generation.seed,
+        batch_size=generation.eval_batch_size,
+        vocab_size=policy.tokenizer.vocab_size,
+        data_parallel_rank=context.data_parallel_rank,
+        data_parallel_size=context.data_parallel_size,
+        data_parallel_group=context.pg_collection.dp,
+    )
+
+
+def continuation_lines(rows: Sequence[dict], texts: Sequence[str]) -> str:
+    return "".join(
+        json.dumps({**row, "continuation": text}) + "\n" for row, text in zip(rows, texts)
+    )
 
 
 @exits_on_bad_input
@@ -283,37 +339,16 @@ def main(argv=None) -> None:
     config: ContinuationConfig = configs.eval
     # Bad prefix files fail before any model is loaded.
     rows = continuation_rows(config.prefixes)
-    context = initialize_distributed(configs.parallel, configs.platform.device, config.seed)
+    context = initialize_distributed(
+        configs.parallel, configs.platform.device, configs.generation.seed
+    )
     setup_logging()
-    policy = RoleModel(
-        config.load, configs.parallel, context.pg_collection, model_args_file=config.eval_model_args
-    )
-    model = policy.model_config
-    max_prefix = max_prefix_tokens_for(config, model.seq_length, model.seq_length_limit())
-    print_rank_0(
-        f"continuations: {len(rows)} prefixes from {len(config.prefixes)} file(s), "
-        f"{config.eval_num_tokens} tokens each (prefixes cut to {max_prefix}), policy "
-        f"{config.load}, world {context.world_size} on {context.device}, "
-        f"DP={context.data_parallel_size}"
-    )
-    texts = generate_continuations(
-        policy.module,
-        policy.tokenizer,
-        [row["prefix"] for row in rows],
-        num_tokens=config.eval_num_tokens,
-        max_prefix_tokens=max_prefix,
-        sampling=configs.sampling,
-        seed=config.seed,
-        batch_size=config.eval_batch_size,
-        vocab_size=policy.tokenizer.vocab_size,
-        data_parallel_rank=context.data_parallel_rank,
-        data_parallel_size=context.data_parallel_size,
-        data_parallel_group=context.pg_collection.dp,
+    texts = continue_prefixes(
+        config.load, rows, configs.generation, configs.sampling, configs.parallel, context
     )
     if context.rank == 0:
-        lines = [json.dumps({**row, "continuation": text}) + "\n" for row, text in zip(rows, texts)]
-        write_atomically(config.output, "".join(lines))
-        print_rank_0(f"wrote {len(lines)} continuations to {config.output}")
+        write_atomically(config.output, continuation_lines(rows, texts))
+        print_rank_0(f"wrote {len(rows)} continuations to {config.output}")
     destroy_distributed()
 
 

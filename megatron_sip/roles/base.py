@@ -52,6 +52,17 @@ class Judge(abc.ABC):
             for f, b in zip(forward, backward)
         ]
 
+    def prefer_coherence(
+        self, prefixes: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]
+    ) -> list[Score]:
+        """P(first is the more coherent continuation of prefix than second): an evaluation
+        metric (the coherence win rate), not a training reward. Backends without a coherence
+        verdict refuse."""
+        raise NotImplementedError(
+            f"{getattr(self, 'identity', type(self).__name__)} has no coherence verdict (a prompt "
+            "pack needs a coherence.txt; the oracle judge has one)"
+        )
+
     @abc.abstractmethod
     def safety(self, prefixes: Sequence[str], texts: Sequence[str]) -> list[Score]:
         """P(text is safe | prefix)."""

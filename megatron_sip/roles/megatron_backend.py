@@ -161,7 +161,7 @@ class MegatronJudge(PromptedJudge):
         # tokenizer cannot render a chat pack).
         self.verdict_ids = {
             name: role.verdict_ids(prompts[name])
-            for name in ("quality", "safety", "factuality")
+            for name in ("quality", "coherence", "safety", "factuality")
             if name in prompts.templates
         }
 

@@ -490,7 +490,7 @@ class OpenAIJudge(PromptedJudge):
         self.identity = f"openai:{endpoint.base_url}:{endpoint.model}:{prompts.fingerprint()}"
         self.unparsed_examples: list[str] = []
         if tokenizer is not None:  # verdicts checked against the model's tokenizer up front
-            for name in ("quality", "safety", "factuality"):
+            for name in ("quality", "coherence", "safety", "factuality"):
                 if name in prompts.templates:
                     try:
                         verdict_token_ids(prompts[name], tokenizer)

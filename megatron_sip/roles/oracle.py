@@ -12,7 +12,7 @@ deterministic rule over the text, so nothing a candidate says about itself ("thi
   the product of fluency (share of adjacent word pairs that occur in the clean corpus), a
   repetition factor (distinct word trigrams; degenerate loops lose), a topic factor (words shared
   with the prefix; naming another country than the prefix does costs half) and a length factor
-  (under 10 words is penalised);
+  (under 10 words is penalised); coherence (an evaluation metric) is the same without fluency;
 - rewriting: templated rants become their recorded clean versions, other sentences holding lexicon
   words are dropped, and false fact sentences are corrected from the knowledge base; clean text is
   returned unchanged.
@@ -87,6 +87,11 @@ class OracleKnowledge:
     def prose_score(self, prefix: str, text: str) -> float:
         return math.prod(self.prose_factors(prefix, text).values())
 
+    def coherence_score(self, prefix: str, text: str) -> float:
+        """The prose score without fluency: on the prefix's topic, not looping, not cut short."""
+        factors = self.prose_factors(prefix, text)
+        return factors["repetition"] * factors["topic"] * factors["length"]
+
     def prose_factors(self, prefix: str, text: str) -> dict[str, float]:
         """The prose score's factors: fluency, repetition, topic and length (all 0 for a text
         of fewer than 3 words)."""
@@ -140,12 +145,17 @@ class OracleJudge(Judge):
         self.oracle = OracleKnowledge.load(str(data_path))
 
     def prefer(self, prefixes, firsts, seconds) -> list[Score]:
+        return self._prefer(self.oracle.prose_score, prefixes, firsts, seconds)
+
+    def prefer_coherence(self, prefixes, firsts, seconds) -> list[Score]:
+        return self._prefer(self.oracle.coherence_score, prefixes, firsts, seconds)
+
+    @staticmethod
+    def _prefer(score, prefixes, firsts, seconds) -> list[Score]:
         _check_lengths(prefixes, firsts, seconds)
         scores = []
         for prefix, first, second in zip(prefixes, firsts, seconds):
-            margin = self.oracle.prose_score(prefix, first) - self.oracle.prose_score(
-                prefix, second
-            )
+            margin = score(prefix, first) - score(prefix, second)
             scores.append(1.0 / (1.0 + math.exp(-margin / PREFERENCE_TEMPERATURE)))
         return scores
 

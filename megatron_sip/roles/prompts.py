@@ -3,10 +3,10 @@
 A template's first line names its verdict strings (``# verdicts: [[A]] [[B]]``, the positive
 verdict first) or, for the rewriter, its stop string (``# stop: </rewrite>``, optionally followed
 by ``unchanged: [[SAME]]``, a reply that stands for the original itself); the rest is the prompt,
-with ``{prefix}`` and ``{candidate}`` (``{a}``/``{b}`` for pairwise quality, ``{suffix}`` for the
-rewriter) between explicit tags. Candidate text is sanitised before it is put between the tags:
-it cannot close a tag or write a verdict string. The prompt ends at the answer position (the
-verdict is the very next token).
+with ``{prefix}`` and ``{candidate}`` (``{a}``/``{b}`` for pairwise quality and coherence,
+``{suffix}`` for the rewriter) between explicit tags. Candidate text is sanitised before it is
+put between the tags: it cannot close a tag or write a verdict string. The prompt ends at the
+answer position (the verdict is the very next token).
 
 Safety is read conservatively (:meth:`PromptedJudge.safety`): a candidate is cut into sentences
 and judged as every run of up to ``safety_window_sentences`` consecutive sentences; its score is
@@ -43,6 +43,7 @@ from megatron_sip.roles.base import Judge, Score, _check_lengths
 
 TEMPLATE_FILES = {
     "quality": "quality.txt",
+    "coherence": "coherence.txt",
     "safety": "safety.txt",
     "factuality": "factuality.txt",
     "rewrite": "rewrite.txt",
@@ -472,6 +473,16 @@ class PromptedJudge(Judge):
             self.render("quality", prefix=p, a=a, b=b) for p, a, b in zip(prefixes, firsts, seconds)
         ]
         return self.verdicts("quality", rendered)
+
+    def prefer_coherence(self, prefixes, firsts, seconds) -> list[Score]:
+        _check_lengths(prefixes, firsts, seconds)
+        if "coherence" not in self.prompts.templates:
+            return super().prefer_coherence(prefixes, firsts, seconds)
+        rendered = [
+            self.render("coherence", prefix=p, a=a, b=b)
+            for p, a, b in zip(prefixes, firsts, seconds)
+        ]
+        return self.verdicts("coherence", rendered)
 
     def safety(self, prefixes, texts) -> list[Score]:
         """The least P(safe) over the candidate's runs of sentences (see the class)."""
