@@ -63,8 +63,10 @@ def checkpoints(tmp_path_factory):
     run_ranks(_import, 1, dirs, str(root))
     for set_name, prefixes in PREFIXES.items():
         (root / f"{set_name}.jsonl").write_text(
-            "".join(json.dumps({"id": f"{set_name}{i}", "prefix": p}) + "\n"
-                    for i, p in enumerate(prefixes))  # fmt: skip
+            "".join(
+                json.dumps({"id": f"{set_name}{i}", "prefix": p}) + "\n"
+                for i, p in enumerate(prefixes)
+            )  # fmt: skip
         )
     _oracle_data(root / "oracle")
     return root
