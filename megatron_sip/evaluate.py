@@ -23,7 +23,11 @@ Writes ``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` under ``--o
 the continuations (``candidate.jsonl``, ``baseline.jsonl``). A judge that cannot judge (its
 calibration self-check fails, or it has no coherence verdict) stops the run before anything is
 generated; ``--eval-skip coherence`` or ``claims`` leaves a metric out, and the report says so.
-Zero-shot benchmarks run through lm-evaluation-harness (``megatron_sip.eval.harness``).
+
+With ``--<benchmark>-data`` files (``megatron_sip.eval.benchmarks``: BoolQ, PIQA, HellaSwag,
+ARC-Easy/Challenge, OpenBookQA, SIQA, MMLU, the demo's Factbook set), both checkpoints also run
+those zero-shot multiple-choice benchmarks through lm-evaluation-harness, and the report gains
+their accuracies.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Optional
 
 from megatron_sip.arguments import LaunchConfig, parse_args
 from megatron_sip.errors import ConfigError, exits_on_bad_input, require_positive
+from megatron_sip.eval.benchmarks import BenchmarkConfig, checked_files, run_benchmarks
 from megatron_sip.eval.compare import compare, pair_outcomes, win_rate_summary
 from megatron_sip.eval.continuations import (
     GenerationConfig,
@@ -124,6 +129,7 @@ class EvaluateJobConfig(LaunchConfig):
     sampling: SamplingConfig
     generation: GenerationConfig
     judge: JudgeConfig
+    benchmarks: BenchmarkConfig
     evaluate: EvaluateConfig
 
 
@@ -173,6 +179,25 @@ def score(judge, config: EvaluateConfig, baseline_rows: list, candidate_rows: li
     return result
 
 
+def benchmark_checkpoint(load: str, files: dict, configs, context, directory: Path) -> dict:
+    """lm-eval zero-shot results of the checkpoint under ``load`` on ``files`` (collective
+    over the world; every rank returns them)."""
+    from megatron_sip.eval.lm_eval_model import MegatronSIPLM
+
+    lm = MegatronSIPLM(
+        load,
+        configs.parallel.tensor_model_parallel_size,
+        configs.parallel.pipeline_model_parallel_size,
+        batch_size=configs.benchmarks.benchmark_batch_size,
+        model_args=configs.generation.eval_model_args,
+        context=context,
+    )
+    try:
+        return run_benchmarks(lm, files, directory, configs.benchmarks.benchmark_limit)
+    finally:
+        lm.close()
+
+
 def _check_judge_can_judge(judge, config: EvaluateConfig, judge_config, group) -> None:
     """Before anything is generated: the calibration self-check, and a coherence verdict."""
     check_judge(judge, judge_config, group)
@@ -219,6 +244,7 @@ def markdown(report: dict) -> str:
             "| Supported claims (claim-level factuality) | "
             f"{cell(baseline['claim_factuality'])} | {cell(sip['claim_factuality'])} |"
         )
+    lines += benchmark_lines(report.get("benchmarks", {}))
     if report["skipped"]:
         lines += ["", f"Skipped (`--eval-skip`): {', '.join(report['skipped'])}."]
     quality = sip["quality_win_rate"]
@@ -235,6 +261,33 @@ def markdown(report: dict) -> str:
             f"{claims['unsupported']} unsupported (knowledge: `{report['claim_knowledge']}`)."
         )
     return "\n".join(lines) + "\n"
+
+
+def benchmark_lines(benchmarks: dict) -> list[str]:
+    """Zero-shot accuracies of both checkpoints (standard errors in brackets)."""
+    if not benchmarks:
+        return []
+
+    def cell(entry: dict, metric: str) -> str:
+        if metric not in entry:
+            return "n/a"
+        stderr = entry.get(f"{metric}_stderr")
+        return f"{entry[metric]:.1f}" + (f" (± {stderr:.1f})" if stderr is not None else "")
+
+    lines = [
+        "",
+        "| Zero-shot benchmark (accuracy %, ± standard error) | Documents | Baseline | Candidate |",
+        "|---|---|---|---|",
+    ]
+    for name, sides in benchmarks.items():
+        for metric, label in (("acc", "acc"), ("acc_norm", "acc_norm")):
+            if metric in sides["sip"]:
+                limited = " (limited)" if sides["sip"]["limited"] else ""
+                lines.append(
+                    f"| {name} {label}{limited} | {sides['sip']['documents']} | "
+                    f"{cell(sides['baseline'], metric)} | {cell(sides['sip'], metric)} |"
+                )
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -261,13 +314,21 @@ def plot(report: dict, path: Path) -> None:
     left.set_ylim(0, 100)
     left.set_title("Candidate win rate vs baseline (%)")
     metrics = [("safety", "safety"), ("claim_factuality", "supported claims")]
-    labels = [label for key, label in metrics if key in sip and sip[key]["score"] is not None]
-    keys = [key for key, label in metrics if label in labels]
+    bars = [
+        (label, baseline[key]["score"], sip[key]["score"])
+        for key, label in metrics
+        if key in sip and sip[key]["score"] is not None
+    ]
+    bars += [
+        (f"{name} acc", sides["baseline"]["acc"], sides["sip"]["acc"])
+        for name, sides in report.get("benchmarks", {}).items()
+    ]
+    labels = [label for label, _, _ in bars]
     width = 0.38
-    positions = range(len(keys))
-    right.bar([p - width / 2 for p in positions], [baseline[k]["score"] for k in keys], width,
+    positions = range(len(bars))
+    right.bar([p - width / 2 for p in positions], [b for _, b, _ in bars], width,
               label="baseline", color="tab:grey")  # fmt: skip
-    right.bar([p + width / 2 for p in positions], [sip[k]["score"] for k in keys], width,
+    right.bar([p + width / 2 for p in positions], [c for _, _, c in bars], width,
               label="candidate", color="tab:green")  # fmt: skip
     right.set_xticks(list(positions), labels)
     right.set_ylim(0, 100)
@@ -291,7 +352,8 @@ def main(argv=None) -> None:
 
     configs = parse_args(argv, EvaluateJobConfig, description=__doc__)
     config: EvaluateConfig = configs.evaluate
-    rows = continuation_rows(config.prefixes)  # bad prefix files fail before any model loads
+    rows = continuation_rows(config.prefixes)  # bad input files fail before any model loads
+    benchmark_files = checked_files(configs.benchmarks)
     if config.unsafe_set not in {row["set"] for row in rows}:
         raise ConfigError(
             "--unsafe-set", f"{config.unsafe_set!r} is not the stem of a --prefixes file"
@@ -308,15 +370,22 @@ def main(argv=None) -> None:
         _check_judge_can_judge(
             judge, config, configs.judge, context.pg_collection.mp if colocated else None
         )
-    steps = tqdm(total=3, desc="evaluate", unit="step", disable=context.rank != 0)
-    texts = {}
+    output_dir = Path(config.output_dir)
+    total = 3 + 2 * bool(benchmark_files)
+    steps = tqdm(total=total, desc="evaluate", unit="step", disable=context.rank != 0)
+    texts, benchmarks = {}, {}
     for name, load in (("candidate", config.load), ("baseline", config.baseline_load)):
         steps.set_postfix_str(f"continuations of {name}")
         texts[name] = continue_prefixes(
             load, rows, configs.generation, configs.sampling, configs.parallel, context
         )
         steps.update()
-    output_dir = Path(config.output_dir)
+        if benchmark_files:
+            steps.set_postfix_str(f"benchmarks of {name}")
+            benchmarks[name] = benchmark_checkpoint(
+                load, benchmark_files, configs, context, output_dir / "benchmark_tasks"
+            )
+            steps.update()
     candidate_rows = [{**row, "continuation": t} for row, t in zip(rows, texts["candidate"])]
     baseline_rows = [{**row, "continuation": t} for row, t in zip(rows, texts["baseline"])]
     if context.rank == 0:
@@ -335,6 +404,10 @@ def main(argv=None) -> None:
         steps.close()
         if context.rank == 0:
             report["checkpoints"] = {"candidate": config.load, "baseline": config.baseline_load}
+            report["benchmarks"] = {
+                name: {"baseline": benchmarks["baseline"][name], "sip": result}
+                for name, result in benchmarks.get("candidate", {}).items()
+            }
             report["generation"] = {
                 **dataclasses.asdict(configs.generation),
                 **dataclasses.asdict(configs.sampling),

@@ -18,6 +18,7 @@ from megatron_sip.eval.report import (
     headline,
     read_scalars,
     roles_summary,
+    table_rows,
     write_report,
 )
 from megatron_sip.eval.rewriter_quality import evenly_spaced, rewriter_quality
@@ -82,6 +83,7 @@ def test_win_rate_needs_both_orders_to_agree():
     result = win_rate(FakeJudge(wins), prefixes, cands, bases)
     assert result["score"] == 100.0 and result["ci95"] == [100.0, 100.0]
     assert (result["wins"], result["ties"], result["tie_rate"], result["missing"]) == (4, 0, 0.0, 0)
+    assert result["position_consistency"] == 100.0
 
     # The judge prefers whichever comes first: the orders disagree, every pair is a tie.
     biased = {(c, b): 0.8 for c, b in zip(cands, bases)} | {
@@ -89,6 +91,7 @@ def test_win_rate_needs_both_orders_to_agree():
     }
     result = win_rate(FakeJudge(biased), prefixes, cands, bases)
     assert result["score"] == 50.0 and result["tie_rate"] == 100.0 and result["ties"] == 4
+    assert result["position_consistency"] == 0.0
 
     # win, loss, tie, missing (one order absent): the missing pair is left out.
     mixed = {
@@ -100,6 +103,7 @@ def test_win_rate_needs_both_orders_to_agree():
     result = win_rate(FakeJudge(mixed), prefixes, cands, bases, bootstrap=500, seed=1)
     assert (result["wins"], result["losses"], result["ties"]) == (1, 1, 1)
     assert result["count"] == 3 and result["missing"] == 1 and result["score"] == 50.0
+    assert result["position_consistency"] == pytest.approx(66.67, abs=0.01)
     low, high = result["ci95"]
     assert 0.0 <= low <= result["score"] <= high <= 100.0 and low < high
     assert win_rate(FakeJudge(mixed), prefixes, cands, bases, bootstrap=500, seed=1) == result
@@ -320,6 +324,20 @@ def test_report_with_learned_roles_has_their_column_keys_and_tables(tmp_path):
     assert "never saw the grader" in markdown
     table = format_table(run(90.0, 60.0, 55.0), run(70.0, 45.0, 40.0))
     assert table.splitlines()[0].split("  ")[-1].strip() == "SIP (learned roles)"
+
+
+def test_general_ability_row_shows_accuracy_with_its_standard_error():
+    ability = {"benchmark": "Factbook MC", "documents": 95}
+    results = {
+        "baseline": {"safety": 40.0, "general_ability": {**ability, "score": 30.5, "stderr": 4.7}},
+        "sip": {"safety": 90.0, "general_ability": {**ability, "score": 32.6, "stderr": 4.8}},
+    }
+    rows = {row[0]: row[1:] for row in table_rows(results)}
+    assert rows["General ability: Factbook MC accuracy (%, ± s.e.)"] == ["30.5 ± 4.7", "32.6 ± 4.8"]
+    top = headline(results)
+    assert top["sip"]["general_ability"] == 32.6 and top["sip"]["general_ability_stderr"] == 4.8
+    # Without the metric there is no row.
+    assert not any("General ability" in row[0] for row in table_rows({"sip": {"safety": 1.0}}))
 
 
 def test_ablation_orders_variants_only_where_their_seed_intervals_separate():

@@ -16,6 +16,7 @@ from megatron_sip.roles.oracle import OracleJudge
 from .distributed import run_ranks
 from .hf_utils import TEXT, make_hf_model
 from .pretrain_utils import run_module
+from .test_benchmarks import CASES
 
 PREFIXES = {
     "eval_unsafe_prefixes": ["Paris is the capital of", "The judge reads a", "Safety first:"],
@@ -69,6 +70,9 @@ def checkpoints(tmp_path_factory):
             )  # fmt: skip
         )
     _oracle_data(root / "oracle")
+    for name in ("piqa", "factbook_mc"):
+        docs, _ = CASES[name]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     return root
 
 
@@ -87,7 +91,8 @@ def test_evaluate_writes_the_report_its_continuations_give(checkpoints):
         "--judge-backend", "oracle", "--judge-oracle-data", str(root / "oracle"),
         "--claim-knowledge", str(root / "oracle"), "--output-dir", str(out),
         "--eval-num-tokens", "16", "--eval-batch-size", "2", "--sip-temperature", "1",
-        "--tensor-model-parallel-size", "2",
+        "--tensor-model-parallel-size", "2", "--piqa-data", str(root / "piqa.jsonl"),
+        "--factbook-mc-data", str(root / "factbook_mc.jsonl"), "--benchmark-batch-size", "3",
     )  # fmt: skip
     assert "Quality win rate" in output
     report = json.loads((out / "evaluation.json").read_text())
@@ -123,6 +128,21 @@ def test_evaluate_writes_the_report_its_continuations_give(checkpoints):
     )
     markdown = (out / "evaluation.md").read_text()
     assert "Coherence win rate" in markdown and "Supported claims" in markdown
+    # The benchmarks at TP=2 inside evaluate equal the benchmark tool's in one process.
+    assert "factbook_mc acc" in markdown
+    for name, load in (("sip", "candidate"), ("baseline", "baseline")):
+        run_module(
+            1, "megatron_sip.eval.benchmarks", "--device", "cpu", "--load", str(root / load),
+            "--piqa-data", str(root / "piqa.jsonl"), "--factbook-mc-data",
+            str(root / "factbook_mc.jsonl"), "--output", str(root / f"bench_{load}.json"),
+        )  # fmt: skip
+        alone = json.loads((root / f"bench_{load}.json").read_text())["benchmarks"]
+        assert set(alone) == set(report["benchmarks"]) == {"piqa", "factbook_mc"}
+        for bench, entry in alone.items():
+            inside = report["benchmarks"][bench][name]
+            assert inside["documents"] == entry["documents"] == len(CASES[bench][0])
+            for metric in ("acc", "acc_norm"):
+                assert inside[metric] == pytest.approx(entry[metric]), (name, bench, metric)
     assert (out / "evaluation.png").stat().st_size > 0
 
 

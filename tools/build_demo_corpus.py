@@ -14,6 +14,10 @@ values perturbed) spliced into documented fractions of the documents (each unsaf
   rewriter_val.jsonl           the same from held-out countries
   judge_train.jsonl            labelled judging tasks: pairwise quality, safety, factuality
   judge_val.jsonl              the same from held-out countries
+  factbook_mc.jsonl            multiple-choice questions about held-out countries' facts: a
+                               cloze {"question", "choices", "answer"} with one true and three
+                               false completions (the demo's general-ability set, run through
+                               lm-eval by megatron_sip.eval.benchmarks --factbook-mc-data)
   oracle.json                  knowledge base, lexicon and reference bigrams for the oracle roles
   stats.json                   counts and rates
 
@@ -409,6 +413,46 @@ def _degrade(text: str, corruption: str, documents, doc, rng, window_chars: int 
     return other.text[start : _pairwise_end(other.text, start, window_chars)]
 
 
+def factbook_questions(countries, knowledge, all_facts, rng) -> list[dict]:
+    """A cloze question per fact of each of ``countries``: the fact sentence up to its value,
+    and four completions (the true one and three distinct false values, as the corpus's false
+    facts are drawn) in random order."""
+    questions = []
+    for name in sorted(countries):
+        facts = knowledge[name.lower()]
+        for kind in FACT_KINDS:
+            truth = fact_value(facts, kind)
+            if not truth:
+                continue
+            values, tries = [truth], 0
+            while len(values) < 4 and tries < 100:
+                tries += 1
+                value = perturbed_value(kind, facts, all_facts, rng)
+                if value not in values:
+                    values.append(value)
+            if len(values) < 4:
+                continue
+            rng.shuffle(values)
+            sentence = fact_sentence(kind, facts.name, truth)
+            stem = sentence[: sentence.rindex(_formatted(truth))].rstrip()
+            questions.append(
+                {
+                    "country": facts.name,
+                    "kind": kind,
+                    "question": stem,
+                    "choices": [
+                        fact_sentence(kind, facts.name, v)[len(stem) + 1 :] for v in values
+                    ],
+                    "answer": values.index(truth),
+                }
+            )
+    return questions
+
+
+def _formatted(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def reference_bigrams(documents) -> list[str]:
     """Adjacent word pairs of the clean corpus: what 'reads as prose' means to the oracle."""
     pairs = set()
@@ -457,6 +501,10 @@ def main(argv=None) -> None:
     judge_val = judge_examples(heldout_docs, knowledge, all_facts, rng, *pairs)
     # Drawn last, so the files above do not depend on it.
     rewrites_val = rewriter_examples(heldout_docs, rng, args.rewriter_window_chars)
+    # Its own generator: the general-ability set moves none of the files above.
+    questions = factbook_questions(
+        heldout, knowledge, all_facts, random.Random(f"factbook-mc-{args.seed}")
+    )
 
     output = Path(args.output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -469,6 +517,7 @@ def main(argv=None) -> None:
     write_jsonl(staging / "rewriter_val.jsonl", rewrites_val)
     write_jsonl(staging / "judge_train.jsonl", judge_train)
     write_jsonl(staging / "judge_val.jsonl", judge_val)
+    write_jsonl(staging / "factbook_mc.jsonl", questions)
     oracle = {
         "knowledge_base": {k: dataclasses.asdict(v) for k, v in sorted(knowledge.items())},
         "lexicon": lexicon,
@@ -506,6 +555,7 @@ def main(argv=None) -> None:
         "rewriter_val": dict(sorted(Counter(r["kind"] for r in rewrites_val).items())),
         "judge_train": dict(sorted(Counter(e["task"] for e in judge_train).items())),
         "judge_val": dict(sorted(Counter(e["task"] for e in judge_val).items())),
+        "factbook_mc": dict(sorted(Counter(q["kind"] for q in questions).items())),
         "lexicon_words": len(lexicon),
         "rant_lexicon_words": len(rant_words),
     }

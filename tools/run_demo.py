@@ -13,8 +13,10 @@ Stages (each a real command of this repository, logged to <output-dir>/logs/):
     the oracle judge and rewriter, on the same token budget (megatron_sip.pretrain,
     megatron_sip.train_sip)
  6. continue the held-out prefixes with both (megatron_sip.eval.continuations)
- 7. compare them with the oracle judge (megatron_sip.eval.compare) and write report.md,
-    report.json and PNG plots (megatron_sip.eval.report)
+ 7. compare them with the oracle judge (megatron_sip.eval.compare)
+ 8. general ability: both answer the corpus's Factbook multiple-choice questions about
+    held-out countries, zero-shot through lm-evaluation-harness (megatron_sip.eval.benchmarks)
+ 9. write report.md, report.json and PNG plots (megatron_sip.eval.report)
 
 A stage whose command, flags files, code and inputs are unchanged since it last succeeded is
 reused (its outputs are only published when it succeeds), so a rerun after a change redoes only
@@ -538,6 +540,26 @@ def compare(
     return json.loads(out.read_text())
 
 
+def general_ability(runner: DemoRunner, name: str, checkpoint: Path, demo: Path) -> dict:
+    """The checkpoint's zero-shot accuracy on the Factbook multiple-choice set, as the
+    report's ``general_ability`` metric."""
+    out = runner.out / "eval" / f"benchmarks_{name}.json"
+    runner.stage(
+        f"benchmark_{name}",
+        runner.torchrun("megatron_sip.eval.benchmarks", "--load", checkpoint,
+                        "--factbook-mc-data", demo / "factbook_mc.jsonl", "--output", out),
+        [out],
+        depends=[name, "corpus"],
+    )  # fmt: skip
+    result = json.loads(out.read_text())["benchmarks"]["factbook_mc"]
+    return {
+        "score": result["acc"],
+        "stderr": result["acc_stderr"],
+        "benchmark": "Factbook multiple choice (held-out countries)",
+        "documents": result["documents"],
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -573,7 +595,8 @@ def run_demo(out: Path, preset: Preset, args) -> None:
     from megatron_sip.eval.report import format_table, read_scalars, roles_summary, write_report
 
     start = time.perf_counter()
-    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=24 if args.learned_roles else 10)
+    total = 27 if args.learned_roles else 12
+    runner = DemoRunner(out, preset, args.nproc, args.fresh, total=total)
     paths = prepare(runner)
     baseline = continual_nll(runner, paths, preset.continual_iters)
     sip = continual_sip(runner, paths, preset.continual_iters, "sip")
@@ -583,6 +606,12 @@ def run_demo(out: Path, preset: Preset, args) -> None:
     sip_rows = evaluate(runner, "sip", sip, prefixes)
     # The oracle grades every policy; no trained model ever sees it.
     results = compare(runner, "sip", baseline_rows, sip_rows, paths["demo"])
+    abilities = {
+        name: general_ability(runner, name, checkpoint, paths["demo"])
+        for name, checkpoint in (("baseline", baseline), ("sip", sip))
+    }
+    for policy in ("baseline", "sip"):
+        results[policy]["general_ability"] = abilities[policy]
     results_learned = roles = None
     if learned:
         sip_learned = continual_sip(
@@ -590,6 +619,10 @@ def run_demo(out: Path, preset: Preset, args) -> None:
         )
         learned_rows = evaluate(runner, "sip_learned", sip_learned, prefixes)
         results_learned = compare(runner, "sip_learned", baseline_rows, learned_rows, paths["demo"])
+        results_learned["baseline"]["general_ability"] = abilities["baseline"]
+        results_learned["sip"]["general_ability"] = general_ability(
+            runner, "sip_learned", sip_learned, paths["demo"]
+        )
         evals = {name: _read(path) for name, path in learned.items() if name.endswith("_eval")}
         roles = roles_summary(
             judge={"sft": evals["judge_sft_eval"], "grpo": evals["judge_eval"]},

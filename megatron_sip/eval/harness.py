@@ -9,6 +9,10 @@ only, so its ``lm_eval`` command cannot load a plugin's model: this is that comm
 ``megatron_sip.eval.lm_eval_model`` imported first. Under torchrun every rank runs the
 evaluation (the model is split over them); ranks other than global rank 0 drop
 ``--output_path`` and ``--log_samples`` so that one process writes the results.
+
+No hub at run time: ``python -m megatron_sip.eval.benchmarks --write-tasks DIR --arc-easy-data
+FILE ...`` writes lm-eval's own task configs of the benchmarks pointed at local files, for
+``--include_path DIR --tasks local_arc_easy,...``.
 """
 
 from __future__ import annotations

@@ -133,12 +133,15 @@ class MegatronSIPLM(LM):
         model_args: Optional[str] = None,
         seed: int = 1234,
         max_batch_size: Optional[int] = None,
+        context=None,
     ):
         """``load``: checkpoint directory; ``model_args``: a flags file of model-shape and
         tokenizer flags for checkpoints without saved settings; ``max_length``: positions per
         request (default and upper bound: the model's --seq-length); ``device``: lm-eval's
         ``--device`` (cpu, cuda, cuda:N; default: the platform's choice); ``seed``: of sampled
-        generation."""
+        generation; ``context``: a ``DistributedContext`` already built with this layout (a
+        tool that evaluates several checkpoints in one job; the caller then owns it), else the
+        model initialises the process group and tears it down on ``close``."""
         super().__init__()
         from megatron_sip.roles.megatron_backend import RoleModel
 
@@ -157,7 +160,8 @@ class MegatronSIPLM(LM):
         )
         # lm-eval's --device: cpu, cuda or cuda:N (each rank takes its local GPU); none: auto.
         device = device.split(":")[0] if device else "auto"
-        self.context = initialize_distributed(parallel, device, int(seed))
+        self._owns_context = context is None
+        self.context = context or initialize_distributed(parallel, device, int(seed))
         self.role = RoleModel(load, parallel, self.context.pg_collection, model_args)
         self.module = self.role.module
         self.tokenizer = self.role.tokenizer
@@ -189,7 +193,8 @@ class MegatronSIPLM(LM):
         return type(self.tokenizer).__name__
 
     def close(self) -> None:
-        destroy_distributed()
+        if self._owns_context:
+            destroy_distributed()
 
     def _encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids as the tokenizer makes them (with its BOS, if it adds one), or without

@@ -68,6 +68,8 @@ def _cell(metric: Optional[Mapping], interval: bool = False) -> str:
     if interval and metric.get("ci95"):
         low, high = metric["ci95"]
         text += f" [{low:.1f}, {high:.1f}]"
+    if metric.get("stderr") is not None:
+        text += f" ± {metric['stderr']:.1f}"
     if interval and metric.get("tie_rate") is not None:
         text += f", ties {metric['tie_rate']:.0f}%"
     if metric.get("missing"):
@@ -106,11 +108,18 @@ def table_rows(results: Mapping, learned: Optional[Mapping] = None) -> list[list
             ["Trained with (judge, rewriter)", "none (NLL)", "oracle, oracle", "learned, learned"],
             ["Graded by", grader, grader, learned.get("judge") or grader],
         ]
+    ability = [_metric(run, "sip", "general_ability") for run in runs]
+    ability_rows = []
+    if any(ability):
+        benchmark = next(a for a in ability if a).get("benchmark", "benchmark")
+        label = f"General ability: {benchmark} accuracy (%, ± s.e.)"
+        ability_rows = [row(label, "general_ability")]
     return [
         header,
         *roles_rows,
         row(safety_label, "safety"),
         row("Factuality (%)", "factuality"),
+        *ability_rows,
         row("Quality win rate vs baseline (%, 95% CI)", "quality_win_rate", "50 (reference)", True),
         row(
             "Quality win rate, both safe (%, 95% CI)",
@@ -248,6 +257,13 @@ def report_markdown(
         "tie), with a 95% bootstrap interval; 'both safe': over the prefixes whose two "
         "continuations the judge finds safe.",
     ]
+    ability = _metric(results, "sip", "general_ability")
+    if ability:
+        lines[-1] += (
+            f" General ability: zero-shot accuracy on {ability.get('benchmark')} "
+            f"({ability.get('documents')} questions; lm-evaluation-harness through "
+            "megatron_sip.eval.benchmarks), with its standard error."
+        )
     if counts:
         lines += ["", "Prefixes: " + ", ".join(f"{name} {n}" for name, n in counts.items())]
     if results.get("judge"):
@@ -489,10 +505,16 @@ def plot_comparison(path: Path, results: Mapping) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+HEADLINE_METRICS = (
+    "safety", "factuality", "general_ability", "quality_win_rate", "quality_win_rate_both_safe"
+)  # fmt: skip
+
+
 def headline(results: Mapping, learned: Optional[Mapping] = None) -> dict:
     """The report's top level: for ``baseline`` and ``sip`` (and ``sip_learned``, SIP with the
     learned roles, whose compare() output is ``learned``), ``safety`` and ``factuality`` in
-    percent, and SIP's ``quality_win_rate`` over the baseline (and ``quality_win_rate_both_safe``,
+    percent, ``general_ability`` (a zero-shot benchmark's accuracy, where measured), and SIP's
+    ``quality_win_rate`` over the baseline (and ``quality_win_rate_both_safe``,
     on the prefixes where both continuations are safe) with their 95% bootstrap intervals."""
     out: dict = {}
     runs = [("baseline", results, "baseline"), ("sip", results, "sip")]
@@ -500,12 +522,14 @@ def headline(results: Mapping, learned: Optional[Mapping] = None) -> dict:
         runs.append(("sip_learned", learned, "sip"))
     for key, run, policy in runs:
         entry = {}
-        for name in ("safety", "factuality", "quality_win_rate", "quality_win_rate_both_safe"):
+        for name in HEADLINE_METRICS:
             metric = _metric(run, policy, name)
             if metric is not None:
                 entry[name] = metric.get("score")
                 if "ci95" in metric:
                     entry[f"{name}_ci95"] = metric["ci95"]
+                if metric.get("stderr") is not None:
+                    entry[f"{name}_stderr"] = metric["stderr"]
         out[key] = entry
     return out
 
