@@ -12,6 +12,8 @@ Call :func:`activate` once at start-up, before any model is built (``initialize.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -91,13 +93,26 @@ FUSIONS = (
 
 def model_config_overrides(fusions: Mapping[str, bool] | None = None) -> dict:
     """TransformerConfig settings for the device. ``fusions``: the requested value of each of
-    :data:`FUSIONS` (default: all off). On the CPU: CPU initialisation and every fusion off (they
-    are CUDA kernels; the unfused paths compute the same thing). On a GPU: the fusions as
-    requested, after checking that the kernels they need are installed (Megatron-Core would
-    otherwise fail deep inside model construction)."""
-    fusions = {name: False for name in FUSIONS} | dict(fusions or {})
+    :data:`FUSIONS` and of ``flash_decode`` (default: all off). On the CPU: CPU initialisation,
+    every fusion off (they are CUDA kernels; the unfused paths compute the same thing) and flash
+    decode on. On a GPU: as requested, after checking that the kernels they need are installed
+    (Megatron-Core would otherwise fail deep inside model construction or decoding)."""
+    fusions = {name: False for name in FUSIONS} | {"flash_decode": False} | dict(fusions or {})
     if active_device() == "cpu":
-        return {"use_cpu_initialization": True, **{name: False for name in FUSIONS}}
+        # Flash decode is on: the CPU has torch versions of its kernels (see
+        # _install_cpu_adaptations) and no faster way to decode.
+        return {
+            "use_cpu_initialization": True,
+            **{name: False for name in FUSIONS},
+            "flash_decode": True,
+        }
+    if fusions.get("flash_decode"):
+        from megatron.core.transformer import attention
+
+        if attention.flash_attn_with_kvcache is None:
+            raise ConfigError(
+                "--flash-decode", "flash decoding needs flash-attn's flash_attn_with_kvcache"
+            )
     if fusions["gradient_accumulation_fusion"]:
         from megatron.core.tensor_parallel import layers
 
@@ -338,6 +353,17 @@ def _install_cpu_adaptations() -> None:
         _originals[name] = getattr(DistributedOptimizer, name)
         _patch(DistributedOptimizer, name, replacement)
 
+    # 5. Static-batch decoding. Without flash decode, Megatron-Core caches un-rotated keys and
+    #    re-applies RoPE to the whole key cache in every layer at every new token; with it (its
+    #    GPU path) each new key is rotated once before it is cached. That path calls two
+    #    flash-attn kernels (CUDA-only; the unfused RoPE fallback Megatron-Core has for one of
+    #    them takes cos/sin values for angles): the CPU gets torch versions of both.
+    import megatron.core.transformer.attention as megatron_attention
+    from megatron.core.models.common.embeddings import rope_utils
+
+    _patch(megatron_attention, "flash_attn_with_kvcache", kv_cache_attention)
+    _patch(rope_utils, "apply_rotary_emb_flash", apply_rotary_emb)
+
 
 _originals: dict = {}
 
@@ -407,3 +433,155 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
         grad = getattr(param, attr, None)
         if grad is not None:
             grad.detach().mul_(clip_coeff)
+
+
+# ---- flash-attn's decoding kernels, in torch --------------------------------------------------
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, **unused):
+    """flash-attn's ``apply_rotary_emb``: ``x`` [batch, seq, heads, dim] rotated at positions
+    ``seqlen_offsets`` + 0..seq-1 by ``cos``/``sin`` [positions, rotary_dim / 2] (the first
+    rotary_dim channels; GPT-NeoX halves, or interleaved pairs)."""
+    if unused or not isinstance(seqlen_offsets, int):
+        raise NotImplementedError(f"apply_rotary_emb on the CPU: {sorted(unused)} not supported")
+    seq = x.shape[1]
+    cos = cos[seqlen_offsets : seqlen_offsets + seq, None, :].to(x.dtype)
+    sin = sin[seqlen_offsets : seqlen_offsets + seq, None, :].to(x.dtype)
+    rotary = 2 * cos.shape[-1]
+    rot, rest = x[..., :rotary], x[..., rotary:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
+
+
+def kv_cache_attention(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    softmax_scale=None,
+    causal=False,
+    rotary_interleaved=True,
+    **unused,
+):
+    """flash-attn's ``flash_attn_with_kvcache`` for one cache offset shared by every row (static
+    batching): rotates ``q`` and the new ``k`` at that offset, writes ``k``/``v`` into the caches
+    ([batch, positions, kv heads, dim], views of Megatron-Core's [positions, batch, ...] memory)
+    and attends over the cache up to the new tokens. Grouped-query heads share their key/value
+    head without copies; the cache is read in place (strided batched matmuls)."""
+    if any(value is not None for value in unused.values()):
+        raise NotImplementedError(f"flash_attn_with_kvcache on the CPU: {sorted(unused)}")
+    offsets = torch.as_tensor(cache_seqlens if cache_seqlens is not None else 0).reshape(-1)
+    offset = int(offsets[0])
+    if bool((offsets != offset).any()):
+        raise NotImplementedError("flash_attn_with_kvcache on the CPU: one offset for all rows")
+    batch, seq, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if rotary_cos is not None:
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=offset)
+        if k is not None:
+            k = apply_rotary_emb(
+                k, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=offset
+            )
+    length = offset
+    if k is not None:
+        length += k.shape[1]
+        k_cache[:, offset:length] = k
+        v_cache[:, offset:length] = v
+    group = heads // kv_heads
+    scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    # [batch * kv heads, group * seq, dim]: a query group attends to its key/value head.
+    query = q.reshape(batch, seq, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    query = query.reshape(batch * kv_heads, group * seq, dim)
+    layout = _shared_prefix.get()
+    shared = 0
+    if layout is not None and layout.prefixes * layout.samples == batch:
+        shared = min(layout.length, length - seq)  # positions every sample of a prefix shares
+    keys = k_cache[:, shared:length].permute(0, 2, 1, 3).flatten(0, 1)
+    values = v_cache[:, shared:length].permute(0, 2, 1, 3).flatten(0, 1)
+    scores = torch.bmm(query, keys.transpose(1, 2))
+    if shared:
+        scores = torch.cat([_prefix_scores(q, k_cache, layout, shared, group), scores], dim=-1)
+    scores = scores * scale
+    if causal and seq > 1:
+        # Query i sits at position length - seq + i and sees keys up to it.
+        rows = torch.arange(length - seq, length).repeat(group)
+        scores.masked_fill_(torch.arange(length)[None, :] > rows[:, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.bmm(probs[..., shared:], values)
+    if shared:
+        out = out + _prefix_values(probs[..., :shared], v_cache, layout, shared, group)
+    out = out.reshape(batch, kv_heads, group, seq, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPrefix:
+    """Rows ``[i * samples, (i + 1) * samples)`` of the decode batch continue prefix ``i`` and
+    hold the same keys and values at positions below ``length``."""
+
+    prefixes: int
+    samples: int
+    length: int
+
+
+_shared_prefix: contextvars.ContextVar = contextvars.ContextVar("shared_prefix", default=None)
+
+
+@contextlib.contextmanager
+def shared_prefix_decoding(prefixes: int, samples: int, length: int):
+    """Declares the decode batch's shared prefixes (see :class:`SharedPrefix`) to the CPU
+    attention kernel, which then reads each prefix's keys and values once for all its samples
+    (one matrix product per prefix instead of one matrix-vector product per sample: the prefix
+    dominates what decoding reads). GPU kernels read every row's own copy."""
+    token = _shared_prefix.set(SharedPrefix(prefixes, samples, length))
+    try:
+        yield
+    finally:
+        _shared_prefix.reset(token)
+
+
+def _prefix_scores(q, k_cache, layout: SharedPrefix, shared: int, group: int):
+    """Scores of every row's queries against its prefix's shared keys, [batch * kv heads,
+    group * seq, shared], read in place from the first sample's row of each prefix."""
+    batch, seq, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    samples = layout.samples
+    # Per prefix: [kv heads, samples * group * seq, dim] against [kv heads, dim, shared].
+    query = q.reshape(layout.prefixes, samples, seq, kv_heads, group, dim)
+    query = query.permute(0, 3, 1, 4, 2, 5).reshape(layout.prefixes, kv_heads, -1, dim)
+    scores = torch.stack(
+        [
+            torch.bmm(query[i], k_cache[i * samples, :shared].permute(1, 2, 0))
+            for i in range(layout.prefixes)
+        ]
+    ).view(layout.prefixes, kv_heads, samples, group * seq, shared)
+    return scores.transpose(1, 2).reshape(batch * kv_heads, group * seq, shared)
+
+
+def _prefix_values(probs, v_cache, layout: SharedPrefix, shared: int, group: int):
+    """The shared prefix's part of the attention output, [batch * kv heads, group * seq, dim]."""
+    kv_heads = v_cache.shape[2]
+    samples = layout.samples
+    rows = probs.shape[1]  # group * seq
+    weights = probs.reshape(layout.prefixes, samples, kv_heads, rows, shared).transpose(1, 2)
+    weights = weights.reshape(layout.prefixes, kv_heads, samples * rows, shared)
+    out = torch.stack(
+        [
+            torch.bmm(weights[i], v_cache[i * samples, :shared].transpose(0, 1))
+            for i in range(layout.prefixes)
+        ]
+    ).view(layout.prefixes, kv_heads, samples, rows, -1)
+    return out.transpose(1, 2).reshape(layout.prefixes * samples * kv_heads, rows, -1)

@@ -255,8 +255,15 @@ def kl_probe_available(config: SIPJobConfig) -> bool:
     return config.objective.needs_reference and own
 
 
-def build_job(config: SIPJobConfig, context: DistributedContext) -> SIPJob:
-    """Everything a SIP run needs, from the parsed config (also what tests build)."""
+def build_job(
+    config: SIPJobConfig,
+    context: DistributedContext,
+    roles: Optional[tuple[Optional[Judge], Rewriter]] = None,
+) -> SIPJob:
+    """Everything a SIP run needs, from the parsed config (also what tests and benchmarks
+    build). ``roles``: a (judge, rewriter) pair built by the caller in place of the configured
+    ones, without their start-up self-check (the step benchmark's stand-ins, whose cost it does
+    not count); the job closes them."""
     model_cfg, training, sip, objective = (
         config.model,
         config.training,
@@ -314,7 +321,15 @@ def build_job(config: SIPJobConfig, context: DistributedContext) -> SIPJob:
             consumed_samples=consumed,
         )
 
-    judge, rewriter, store, rewriter_id = build_roles(config, context)
+    if roles is None:
+        judge, rewriter, store, rewriter_id = build_roles(config, context)
+    else:
+        (judge, rewriter), store = roles, None
+        rewriter_id = ("given", type(rewriter).__name__)
+        if (judge is None) == config.objective.needs_judge:
+            raise ValueError(
+                f"--sip-loss {config.sip.sip_loss}: give a judge exactly when it uses one"
+            )
     suffix_len = config.sip_data.sip_suffix_len
     judging = None
     if judge is not None:

@@ -9,7 +9,7 @@ from megatron_sip.inference import generation
 from megatron_sip.inference.generation import generate, greedy_by_recompute
 from megatron_sip.inference.sampling import SamplingConfig, sample, sampling_log_probs
 from megatron_sip.initialize import destroy_distributed
-from megatron_sip.models.checkpointing import load_checkpoint, save_checkpoint
+from megatron_sip.models.checkpointing import load_checkpoint, save_checkpoint, unwrap_model
 
 from . import workers
 from .distributed import run_ranks
@@ -34,7 +34,21 @@ def generation_worker(root: str, tp: int, pp: int, out: str) -> None:
     chunks, _ = workers.build(parallel, context)
     load_checkpoint(root, chunks)
     greedy = SamplingConfig(sip_temperature=0.0)
-    cached = generate(chunks[0], PREFIXES, num_samples=2, num_tokens=NEW, sampling=greedy, seed=0)
+    # On the CPU decoding takes Megatron-Core's flash-decode path with the platform's kernel.
+    from megatron.core.transformer import attention
+
+    kernel, calls = attention.flash_attn_with_kvcache, []
+    attention.flash_attn_with_kvcache = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        cached = generate(
+            chunks[0], PREFIXES, num_samples=2, num_tokens=NEW, sampling=greedy, seed=0
+        )
+    finally:
+        attention.flash_attn_with_kvcache = kernel
+    layers = len(unwrap_model(chunks[0]).decoder.layers)
+    assert len(calls) == layers * (
+        max(len(p) for p in PREFIXES) + NEW - 1 - min(map(len, PREFIXES))
+    )
     for i, prefix in enumerate(PREFIXES):
         expected = greedy_by_recompute(chunks[0], prefix, NEW)
         for k in range(2):

@@ -141,8 +141,13 @@ def test_fusions_follow_megatron_lm_on_a_gpu(cpu_platform, monkeypatch):
     assert settings == {
         "gradient_accumulation_fusion": False, "bias_activation_fusion": True,
         "bias_dropout_fusion": True, "masked_softmax_fusion": True, "apply_rope_fusion": False,
-        "persist_layer_norm": True,
+        "persist_layer_norm": True, "flash_decode": False,
     }  # fmt: skip
+    from megatron.core.transformer import attention
+
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)  # a GPU without flash-attn
+    with pytest.raises(ConfigError, match="--flash-decode"):
+        platform.model_config_overrides(_model("--flash-decode").model.fusions())
     with pytest.raises(ConfigError, match="--fp8-format: FP8 runs through Transformer Engine"):
         _model(
             "--fp8-format", "hybrid", "--transformer-impl", "local", for_this_device=False

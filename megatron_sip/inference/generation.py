@@ -32,6 +32,7 @@ from megatron_sip.inference.pipeline import (
 )
 from megatron_sip.inference.sampling import SamplingConfig, sample
 from megatron_sip.models.checkpointing import unwrap_model
+from megatron_sip.platform import shared_prefix_decoding
 
 
 @dataclasses.dataclass
@@ -141,29 +142,31 @@ def _generate(
     if last_stage:
         logits = logits[:, -1].repeat_interleave(num_samples, dim=0)
 
-    for position in range(shortest, total):
-        new = (position >= row_lengths) & (position < row_lengths + num_tokens)
-        drawn = torch.zeros(rows, dtype=torch.long, device=device)
-        drawn_log_probs = torch.zeros(rows, device=device)
-        if last_stage:
-            drawn, drawn_log_probs = sample(logits, sampling, generator, vocab_size)
-        broadcast_from_last_stage(drawn, group)
-        tokens[:, position] = torch.where(new, drawn, tokens[:, position])
-        log_probs[:, position] = torch.where(new, drawn_log_probs, log_probs[:, position])
-        # Every rank holds the same drawn tokens (broadcast), so every rank stops together.
-        ended |= new & torch.isin(drawn, end_ids)
-        if position == total - 1 or (len(end_ids) and bool(ended.all())):
-            break
-        logits = pipeline_forward(
-            module,
-            tokens[:, position : position + 1],
-            _positions(rows, position, 1, device),
-            inference_context=context,
-            runtime_gather_output=True,
-        )
-        context.sequence_len_offset += 1
-        if last_stage:
-            logits = logits[:, -1]
+    # Every sample of a prefix holds the prefix's keys and values: attention may read them once.
+    with shared_prefix_decoding(num_prefixes, num_samples, shortest):
+        for position in range(shortest, total):
+            new = (position >= row_lengths) & (position < row_lengths + num_tokens)
+            drawn = torch.zeros(rows, dtype=torch.long, device=device)
+            drawn_log_probs = torch.zeros(rows, device=device)
+            if last_stage:
+                drawn, drawn_log_probs = sample(logits, sampling, generator, vocab_size)
+            broadcast_from_last_stage(drawn, group)
+            tokens[:, position] = torch.where(new, drawn, tokens[:, position])
+            log_probs[:, position] = torch.where(new, drawn_log_probs, log_probs[:, position])
+            # Every rank holds the same drawn tokens (broadcast), so every rank stops together.
+            ended |= new & torch.isin(drawn, end_ids)
+            if position == total - 1 or (len(end_ids) and bool(ended.all())):
+                break
+            logits = pipeline_forward(
+                module,
+                tokens[:, position : position + 1],
+                _positions(rows, position, 1, device),
+                inference_context=context,
+                runtime_gather_output=True,
+            )
+            context.sequence_len_offset += 1
+            if last_stage:
+                logits = logits[:, -1]
 
     module.train(was_training)
     # Each row's N new tokens start right after its own prefix.

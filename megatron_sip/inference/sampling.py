@@ -77,5 +77,46 @@ def sample(
     if config.greedy:
         tokens = log_probs.argmax(dim=-1)
     else:
-        tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        tokens = draw(log_probs, generator)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+BLOCK = 256  # vocabulary entries per block of the two-level draw
+
+
+def draw(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One exact draw per row of the categorical ``exp(log_probs) [B, V]`` by inverting its
+    cumulative distribution with one uniform number per row (``torch.multinomial`` draws V
+    exponential numbers per row instead: a quarter of a CPU rollout's time at V = 32,000).
+
+    Two levels keep it exact without a float64 pass over the vocabulary (a cumulative sum over
+    all V tokens in fp32 would move the boundaries of the rarest tokens by more than their
+    probability): a block of :data:`BLOCK` tokens is drawn from the blocks' fp32 sums (each
+    within a relative rounding error of its exact mass, however small that mass), then a token
+    within it; both by float64 cumulative sums over short vectors. Tokens of probability zero
+    are never drawn: the cumulative sums are flat across them."""
+    rows, vocab = log_probs.shape
+    probs = log_probs.exp()
+    if vocab % BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, BLOCK - vocab % BLOCK))
+    blocks = probs.view(rows, -1, BLOCK)
+    block_mass = blocks.sum(-1).double()  # [B, blocks]
+    uniform = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=torch.float64)
+    block = _invert(block_mass, uniform)  # [B]
+    within = blocks[torch.arange(rows, device=probs.device), block].double()  # [B, BLOCK]
+    # The uniform number's position inside the chosen block's share, rescaled to its mass.
+    below = block_mass.cumsum(-1).gather(-1, block[:, None]) - block_mass.gather(-1, block[:, None])
+    total = block_mass.sum(-1, keepdim=True)
+    residual = (uniform * total - below).clamp(min=0.0)
+    token = _invert(within, residual / within.sum(-1, keepdim=True).clamp(min=1e-300))
+    return block * BLOCK + token
+
+
+def _invert(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the index i where ``uniform`` [B, 1] (a fraction of the row's total weight)
+    falls in the cumulative weights [B, n]: never an index of weight zero."""
+    cumulative = weights.cumsum(-1)
+    index = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).squeeze(-1)
+    # A fraction within rounding of 1 can land past the last index of nonzero weight.
+    last = weights.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(index, last)

@@ -183,6 +183,11 @@ class ModelConfig:
     persist_layer_norm: bool = True
     """apex's persistent fused LayerNorm kernel where the hidden size allows it (GPU)."""
 
+    flash_decode: bool = False
+    """Decode (rollouts, generation) with flash-attn's KV-cache kernel: each new key is rotated
+    once before it is cached, instead of RoPE applied to the whole key cache at every token (GPU:
+    needs flash-attn; always on on the CPU, where megatron_sip.platform supplies the kernel)."""
+
     def __post_init__(self):
         for flag, value in (
             ("--num-layers", self.num_layers),
@@ -396,6 +401,7 @@ class ModelConfig:
             "masked_softmax_fusion": self.masked_softmax_fusion,
             "apply_rope_fusion": self.apply_rope_fusion and self.position_embedding_type == "rope",
             "persist_layer_norm": self.persist_layer_norm,
+            "flash_decode": self.flash_decode,
         }
 
     def head_dim(self) -> int:

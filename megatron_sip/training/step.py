@@ -5,9 +5,11 @@ are handed to the schedules explicitly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 from megatron.core.distributed import finalize_model_grads
@@ -17,6 +19,7 @@ from megatron.core.pipeline_parallel.utils import get_pp_last_rank, is_pp_last_s
 from megatron.core.transformer import TransformerConfig
 
 from megatron_sip.models.checkpointing import unwrap_model
+from megatron_sip.training.timers import PhaseTimes
 
 
 def model_groups(model_chunks: list):
@@ -95,27 +98,35 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     samples_per_step: int,
+    times: Optional[PhaseTimes] = None,
 ) -> StepResult:
-    """Zero grads, forward/backward over the global batch, optimizer and schedule step."""
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = forward_backward(
-        forward_step_func,
-        data_iterator,
-        model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-    )
-    losses = broadcast_from_last_stage(reports, model_chunks)
-    if not _has_loss_scaler(optimizer) and not _loss_and_grads_finite(losses, model_chunks):
-        # Megatron's skipped iteration: no parameter update and the LR schedule stays put. The
-        # norm of a gradient with a NaN or Inf in it is not finite either; it is not measured.
-        return StepResult(losses, float("nan"), False)
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=samples_per_step)
+    """Zero grads, forward/backward over the global batch, optimizer and schedule step;
+    ``times`` gets the phases ``forward_backward`` and ``optimizer``."""
+
+    def phase(name: str):
+        return times.phase(name) if times is not None else contextlib.nullcontext()
+
+    with phase("forward_backward"):
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func,
+            data_iterator,
+            model_chunks,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+        )
+        losses = broadcast_from_last_stage(reports, model_chunks)
+    with phase("optimizer"):
+        if not _has_loss_scaler(optimizer) and not _loss_and_grads_finite(losses, model_chunks):
+            # Megatron's skipped iteration: no parameter update and the LR schedule stays put.
+            # The norm of a gradient with a NaN or Inf in it is not finite; it is not measured.
+            return StepResult(losses, float("nan"), False)
+        update_successful, grad_norm, _ = optimizer.step()
+        if update_successful:
+            scheduler.step(increment=samples_per_step)
     return StepResult(losses, grad_norm, update_successful)
 
 

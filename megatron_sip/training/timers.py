@@ -31,16 +31,21 @@ class PhaseTimes:
 
 
 class PhaseTimer:
-    """Times one phase (device work included) and records the tokens it processed."""
+    """Times one phase (device work included) and records the tokens it processed. The phase is
+    also a ``torch.profiler`` range, so a profile of a step groups its work by phase."""
 
     def __init__(self, times: PhaseTimes, phase: str):
         self.times, self.phase, self.tokens = times, phase, 0
+        self.range = torch.profiler.record_function(f"phase/{phase}")
 
     def __enter__(self) -> PhaseTimer:
         synchronize()
+        self.range.__enter__()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         synchronize()
-        self.times.add(self.phase, time.perf_counter() - self.start, self.tokens)
+        seconds = time.perf_counter() - self.start
+        self.range.__exit__(*exc)
+        self.times.add(self.phase, seconds, self.tokens)

@@ -415,3 +415,22 @@ def _write_generation_config(config, directory: Path) -> None:
     from transformers import GenerationConfig
 
     GenerationConfig.from_model_config(config).save_pretrained(str(directory))
+
+
+def hf_state_dict(model: ModelConfig, module, vocab_size: int) -> tuple[object, dict]:
+    """(transformers config, Hugging Face tensors) of an unsplit (TP = PP = 1) model in memory,
+    fp32 and unpadded to ``vocab_size``: what :func:`export_checkpoint` writes, for benchmarks
+    and tests that run both implementations side by side."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    config = hf_config_from_model(model, vocab_size, dtype="float32")
+    tensors = {W.HF_EMBEDDING: params["embedding.word_embeddings.weight"][:vocab_size]}
+    for layer in range(model.num_layers):
+        for entry in W.layer_tensors(model):
+            tensor = params[f"decoder.layers.{layer}.{entry.megatron}"]
+            for name, part in zip(entry.hf, W.split(entry, tensor, model)):
+                tensors[W.hf_layer_prefix(layer) + name] = part
+    tensors[W.HF_FINAL_NORM] = params["decoder.final_layernorm.weight"]
+    output = "output_layer.weight"
+    if model.untie_embeddings_and_output_weights:
+        tensors[W.HF_OUTPUT] = params[output][:vocab_size]
+    return config, {name: t.float().contiguous().clone() for name, t in tensors.items()}

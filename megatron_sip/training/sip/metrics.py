@@ -13,7 +13,15 @@ from megatron_sip.training.sip.candidates import ScoredSample
 from megatron_sip.training.sip.judging import KINDS
 from megatron_sip.training.timers import PhaseTimes
 
-PHASES = ("rewrite", "rollout", "judge", "reference", "policy_update", "reference_update")
+PHASES = (
+    "rewrite",
+    "rollout",
+    "judge",
+    "reference",
+    "forward_backward",
+    "optimizer",
+    "reference_update",
+)
 SKIP_REASONS = ("no_chosen", "no_rejected", "small_gap")
 
 

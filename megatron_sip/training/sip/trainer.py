@@ -28,13 +28,18 @@ from megatron_sip.training.sip.batches import (
     validation_batch,
     validation_step,
 )
-from megatron_sip.training.sip.candidates import CandidateCollector
+from megatron_sip.training.sip.candidates import CandidateCollector, ScoredSample
 from megatron_sip.training.sip.config import SIPConfig
 from megatron_sip.training.sip.metrics import step_metrics
 from megatron_sip.training.sip.objectives import Objective
 from megatron_sip.training.sip.reference import EMAReference
 from megatron_sip.training.sip.score_store import ScoreStore
-from megatron_sip.training.step import broadcast_from_last_stage, forward_backward, train_step
+from megatron_sip.training.step import (
+    StepResult,
+    broadcast_from_last_stage,
+    forward_backward,
+    train_step,
+)
 from megatron_sip.training.timers import PhaseTimes
 
 CHECKPOINT_KEY = "sip"  # common-state key that marks a SIP checkpoint (vs. a pretraining one)
@@ -163,32 +168,7 @@ class SIPTrainer:
             times=times,
         )
         self.last_scored = scored
-        model = self.job.model_chunks[0]
-        batches, length, reference_length = self.batches.build(model, scored)
-        counts = global_counts(batches, self.objective, self.sip, self.groups.dp)
-        positions = sum(b.packed.tokens.numel() for b in batches)
-        if self.reference is not None:
-            with times.phase("reference") as timer:
-                attach_reference_log_probs(
-                    self.reference.module, batches, reference_length, self.fused
-                )
-                timer.tokens = sum(b.reference_packed.tokens.numel() for b in batches)
-        with times.phase("policy_update") as timer:
-            result = train_step(
-                partial(sip_forward_step, self.objective, self.sip, counts, self.fused),
-                iter(batches),
-                self.job.model_chunks,
-                self.job.optimizer,
-                self.job.scheduler,
-                num_microbatches=num_microbatches,
-                seq_length=length,
-                micro_batch_size=batches[0].packed.tokens.shape[0],
-                samples_per_step=self.global_batch,
-            )
-            timer.tokens = positions
-        if self.reference is not None:
-            with times.phase("reference_update"):
-                self.reference.maybe_update(state.iteration + 1, result.update_successful)
+        result = self.update(scored, state.iteration, times)
         metrics = {f"sip/{name.replace(' ', '-')}": value for name, value in result.losses.items()}
         metrics.update(step_metrics(scored, times, self.judge_objectives, self.groups.dp))
         if self.collector.judging is not None:
@@ -198,6 +178,40 @@ class SIPTrainer:
         metrics["loss-scale"] = self.job.optimizer.get_loss_scale().item()
         stop = self.guard.update(metrics) if self.guard is not None else None
         return StepOutput(metrics, result.update_successful, stop=stop)
+
+    def update(
+        self, scored: list[list[ScoredSample]], iteration: int, times: PhaseTimes
+    ) -> StepResult:
+        """The policy update of step ``iteration`` from its scored micro-batches: the reference
+        scores the objective's candidates, the policy's forward/backward and optimizer step, then
+        the reference update (phases ``reference``, ``forward_backward``, ``optimizer``,
+        ``reference_update``)."""
+        model = self.job.model_chunks[0]
+        batches, length, reference_length = self.batches.build(model, scored)
+        counts = global_counts(batches, self.objective, self.sip, self.groups.dp)
+        if self.reference is not None:
+            with times.phase("reference") as timer:
+                attach_reference_log_probs(
+                    self.reference.module, batches, reference_length, self.fused
+                )
+                timer.tokens = sum(b.reference_packed.tokens.numel() for b in batches)
+        result = train_step(
+            partial(sip_forward_step, self.objective, self.sip, counts, self.fused),
+            iter(batches),
+            self.job.model_chunks,
+            self.job.optimizer,
+            self.job.scheduler,
+            num_microbatches=len(batches),
+            seq_length=length,
+            micro_batch_size=batches[0].packed.tokens.shape[0],
+            samples_per_step=self.global_batch,
+            times=times,
+        )
+        times.add("forward_backward", 0.0, sum(b.packed.tokens.numel() for b in batches))
+        if self.reference is not None:
+            with times.phase("reference_update"):
+                self.reference.maybe_update(iteration + 1, result.update_successful)
+        return result
 
     def save(self, checkpoint: CheckpointConfig, state: SIPState) -> None:
         store = merged_score_store(state.score_store, self.groups.dp)
@@ -286,7 +300,7 @@ def describe_step(metrics: dict[str, float]) -> list[str]:
         parts.append(f"grad norm {metrics['grad-norm']:.4f}")
     timing = [
         f"{phase} {metrics[f'sip/time/{phase}']:.2f}s"
-        for phase in ("rewrite", "rollout", "judge", "reference", "policy_update")
+        for phase in ("rewrite", "rollout", "judge", "reference", "forward_backward", "optimizer")
         if f"sip/time/{phase}" in metrics
     ]
     parts.append("time " + " ".join(timing))
