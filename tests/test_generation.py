@@ -154,3 +154,23 @@ def test_top_k_and_top_p_truncate():
     torch.testing.assert_close(top_p[:2], probs[:2] / probs[:2].sum())
     padded = sampling_log_probs(logits, SamplingConfig(), vocab_size=3).exp()[0]
     assert padded[3] == 0
+
+
+def test_draw_is_exact_across_vocabulary_blocks_and_skips_zero_probabilities():
+    from megatron_sip.inference import sampling
+
+    vocab = 3 * sampling.BLOCK + 17  # the last block is padded
+    support = [0, 5, sampling.BLOCK - 1, sampling.BLOCK, 300, 2 * sampling.BLOCK + 1, vocab - 1]
+    weights = torch.arange(1.0, len(support) + 1)
+    logits = torch.full((vocab,), float("-inf"))
+    logits[support] = weights.log()
+    draws = 30000
+    log_probs = torch.log_softmax(logits, -1).repeat(draws, 1)
+    tokens = sampling.draw(log_probs, torch.Generator().manual_seed(0))
+    assert set(tokens.unique().tolist()) <= set(support)
+    observed = torch.bincount(tokens, minlength=vocab)[support].float()
+    expected = weights / weights.sum() * draws
+    chi_square = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi_square < 22.5  # 6 degrees of freedom, p = 0.001
+    again = sampling.draw(log_probs[:100], torch.Generator().manual_seed(0))
+    assert torch.equal(again, tokens[:100])

@@ -66,24 +66,40 @@ TINY = dict(
 PHASES = ("generate", "judge", "reference", "forward_backward", "optimizer", "ema")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("shape (a Llama-style model)")
     shape.add_argument("--num-layers", type=int, default=4)
     shape.add_argument("--hidden-size", type=int, default=256)
     shape.add_argument("--num-attention-heads", type=int, default=4)
+    shape.add_argument("--num-query-groups", type=int, help="key/value heads (default: heads)")
     shape.add_argument("--ffn-hidden-size", type=int, default=688)
     shape.add_argument("--vocab-size", type=int, default=32000)
     shape.add_argument("--prefixes", type=int, default=2, help="prefixes per step (batch B)")
     shape.add_argument("--prefix-len", type=int, default=512)
     shape.add_argument("--num-rollouts", type=int, default=16, help="K rollouts per prefix")
     shape.add_argument("--suffix-len", type=int, default=128, help="N tokens per candidate")
+    shape.add_argument("--tiny", action="store_true", help="a tiny shape, one measured step")
+
+
+def apply_tiny(args: argparse.Namespace) -> argparse.Namespace:
+    if args.tiny:
+        for name, value in TINY.items():
+            setattr(args, name, value)
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_shape_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     run.add_argument("--bf16", action="store_true", help="bf16 weights and compute (timed steps)")
     run.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    run.add_argument(
+        "--flash-decode", action="store_true", help="GPU: flash-attn decoding (always on CPU)"
+    )
     run.add_argument("--lr", type=float, default=1e-5)
     run.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up")
     run.add_argument("--variants", default="ours,hf", help="comma-separated: ours, hf")
@@ -91,17 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument(
         "--peak-tflops", type=float, help="device peak (dense) for MFU; H100/H200 found by name"
     )
-    run.add_argument("--tiny", action="store_true", help="a tiny shape, one measured step")
     run.add_argument("--seed", type=int, default=1234)
     run.add_argument("--skip-check", action="store_true", help="time without the loss check")
     run.add_argument("--run", choices=["check", "ours", "hf"], help=argparse.SUPPRESS)
     run.add_argument("--corpus", help=argparse.SUPPRESS)
     run.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        for name, value in TINY.items():
-            setattr(args, name, value)
-    return args
+    return apply_tiny(parser.parse_args(argv))
 
 
 # ---- the shared set-up: data, the SIP job, the stand-in roles --------------------------------
@@ -180,6 +191,10 @@ def sip_flags(args, corpus: str, *, bf16: bool) -> list[str]:
         "--sip-suffix-len", str(args.suffix_len), "--sip-min-prefix-len", str(args.prefix_len),
         "--sip-objectives", "quality,safety,factuality",
     ]  # fmt: skip
+    if args.num_query_groups:
+        flags += ["--group-query-attention", "--num-query-groups", str(args.num_query_groups)]
+    if args.flash_decode:
+        flags.append("--flash-decode")
     return flags + (["--bf16"] if bf16 else [])
 
 
@@ -197,14 +212,13 @@ def build_sip_job(args, corpus: str, *, bf16: bool):
     return config, build_job(config, context, roles=roles)
 
 
-def hf_model_from(config, module, dtype: torch.dtype):
-    """A transformers Llama with the Megatron policy's weights (an unsplit model)."""
+def hf_model_from(model_config, module, vocab_size: int, dtype: torch.dtype):
+    """A transformers Llama with the weights of an unsplit Megatron model."""
     from transformers import AutoModelForCausalLM
 
     from megatron_sip.models.hf.convert import hf_state_dict
 
-    vocab = config.tokenizer.vocab_size + 1
-    hf_config, tensors = hf_state_dict(config.model, module, vocab)
+    hf_config, tensors = hf_state_dict(model_config, module, vocab_size)
     hf_config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.load_state_dict(tensors, strict=True)
@@ -217,19 +231,27 @@ def hf_model_from(config, module, dtype: torch.dtype):
 class HFStep:
     """The SIP step written the straightforward way with transformers."""
 
-    def __init__(self, policy, args, eod: int, beta: float, ema_decay: float):
+    def __init__(self, policy, config, args):
+        """``config``: our job's settings (optimizer, DPO beta, EMA decay, end-of-document id),
+        so that both variants train alike."""
         import copy
 
-        self.policy, self.args, self.eod = policy, args, eod
-        self.beta, self.ema_decay = beta, ema_decay
+        training = config.training
+        self.policy, self.args, self.eod = policy, args, config.tokenizer.vocab_size
+        self.beta, self.ema_decay = config.sip.sip_dpo_beta, config.sip.sip_ref_ema_decay
+        self.clip_grad = training.clip_grad
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        # As Megatron: no weight decay on biases and norms (1-D parameters).
         decay = [p for p in policy.parameters() if p.ndim >= 2]
         no_decay = [p for p in policy.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
+            [
+                {"params": decay, "weight_decay": training.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=training.lr,
+            betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_eps,
         )
         self.rng = random.Random(args.seed)
         self.device = next(policy.parameters()).device
@@ -273,7 +295,7 @@ class HFStep:
             losses.append(loss.item())
             margins.append(margin.item())
         start = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _sync()
@@ -381,11 +403,11 @@ def run_check(args) -> dict:
     config, job = build_sip_job(args, args.corpus, bf16=False)
     trainer = job.trainer
     hf = HFStep(
-        hf_model_from(config, unwrap_model(trainer.job.model_chunks[0]), torch.float32),
+        hf_model_from(
+            config.model, unwrap_model(trainer.job.model_chunks[0]), args.vocab_size, torch.float32
+        ),
+        config,
         args,
-        eod=config.tokenizer.vocab_size,
-        beta=config.sip.sip_dpo_beta,
-        ema_decay=config.sip.sip_ref_ema_decay,
     )
     scored, pairs = fixed_pairs(job, args)
     rows = []
@@ -451,14 +473,14 @@ def run_hf(args) -> dict:
 
     config, job = build_sip_job(args, args.corpus, bf16=False)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = hf_model_from(config, unwrap_model(job.trainer.job.model_chunks[0]), dtype)
+    policy = hf_model_from(
+        config.model, unwrap_model(job.trainer.job.model_chunks[0]), args.vocab_size, dtype
+    )
     stream = job.trainer.stream
     hf = HFStep(
         policy,
+        config,
         args,
-        eod=config.tokenizer.vocab_size,
-        beta=config.sip.sip_dpo_beta,
-        ema_decay=config.sip.sip_ref_ema_decay,
     )
     job.close()
     del job
@@ -529,7 +551,8 @@ def model_flops_per_token(args, context: int) -> float:
     """Forward FLOPs per token: 2 x the non-embedding weights, plus attention over ``context``
     positions (QK^T and AV)."""
     h, layers, ffn = args.hidden_size, args.num_layers, args.ffn_hidden_size
-    weights = layers * (4 * h * h + 3 * h * ffn) + h * args.vocab_size
+    kv = h * (args.num_query_groups or args.num_attention_heads) // args.num_attention_heads
+    weights = layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + h * args.vocab_size
     return 2 * weights + 4 * layers * h * context
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the batched DPO log-ratio op: build the C++/CUDA extensions in place, run the op's
-# tests (the CUDA ones run only here), then its benchmark on the GPU.
+# GPU check: build the C++/CUDA extensions in place, run the batched DPO log-ratio op's tests (the
+# CUDA ones run only here) and its benchmark, Megatron-LM's flags, Hugging Face imports, the judge
+# server, then one whole SIP step at a 1B-class shape against transformers (MFU per phase).
 #
 #   bash tools/bench/gpu_check.sh            # from anywhere; works in the repository root
 #
@@ -124,9 +125,23 @@ else
   STEPS+=("serving"); RESULTS+=("skipped"); TIMES+=("0")
 fi
 
+# One whole SIP step at a 1B-class Llama shape (Llama-3.2-1B: 16 layers, hidden 2048, 32 heads,
+# 8 key/value heads, FFN 8192, vocabulary 128,256), bf16, Transformer Engine and flash decoding
+# where installed: ours beside the straightforward transformers step, phase times, MFU per phase,
+# a torch profile of our step (its top entries are printed).
+impl=local
+"$PYTHON" -c 'import transformer_engine' >/dev/null 2>&1 && impl=transformer_engine
+decode=()
+"$PYTHON" -c 'from flash_attn import flash_attn_with_kvcache' >/dev/null 2>&1 && decode=(--flash-decode)
+run_step sip_step "$PYTHON" tools/bench/bench_sip_step.py --device cuda --bf16 \
+  --transformer-impl "$impl" ${decode[@]+"${decode[@]}"} --num-layers 16 --hidden-size 2048 \
+  --num-attention-heads 32 --num-query-groups 8 --ffn-hidden-size 8192 --vocab-size 128256 \
+  --steps 2 --profile "$LOG_DIR/sip_step_profile" || status=1
+
+for name in bench sip_step; do
 echo
-echo "== bench: last JSON line"
-last_json=$(grep -E '^\s*[{[]' "$LOG_DIR/bench.log" 2>/dev/null | tail -n 1 || true)
+echo "== $name: last JSON line"
+last_json=$(grep -E '^\s*[{[]' "$LOG_DIR/$name.log" 2>/dev/null | tail -n 1 || true)
 if [ -n "$last_json" ]; then
   echo "$last_json"
   # A flat key/value view of it (nested fields as dotted paths).
@@ -149,6 +164,7 @@ PY
 else
   echo "(none)"
 fi
+done
 
 summary
 exit "$status"

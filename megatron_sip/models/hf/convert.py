@@ -426,11 +426,12 @@ def hf_state_dict(model: ModelConfig, module, vocab_size: int) -> tuple[object, 
     tensors = {W.HF_EMBEDDING: params["embedding.word_embeddings.weight"][:vocab_size]}
     for layer in range(model.num_layers):
         for entry in W.layer_tensors(model):
-            tensor = params[f"decoder.layers.{layer}.{entry.megatron}"]
+            # The local spec's names, or Transformer Engine's (norms fused into the linears).
+            name = f"decoder.layers.{layer}.{entry.megatron}"
+            tensor = params.get(name, params.get(f"decoder.layers.{layer}.{entry.checkpoint}"))
             for name, part in zip(entry.hf, W.split(entry, tensor, model)):
                 tensors[W.hf_layer_prefix(layer) + name] = part
     tensors[W.HF_FINAL_NORM] = params["decoder.final_layernorm.weight"]
-    output = "output_layer.weight"
     if model.untie_embeddings_and_output_weights:
-        tensors[W.HF_OUTPUT] = params[output][:vocab_size]
+        tensors[W.HF_OUTPUT] = params["output_layer.weight"][:vocab_size]
     return config, {name: t.float().contiguous().clone() for name, t in tensors.items()}
