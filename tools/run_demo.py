@@ -54,7 +54,6 @@ class Preset:
 
     base_iters: int
     continual_iters: int
-    eval_prefixes: int  # held-out prefixes per set (0: all)
     judge_pairwise_iters: int  # judge SFT's first phase, on pairwise tasks alone
     judge_sft_iters: int
     judge_grpo_iters: int
@@ -66,14 +65,14 @@ class Preset:
 
 PRESETS = {
     "default": Preset(
-        base_iters=500, continual_iters=150, eval_prefixes=0, judge_pairwise_iters=400,
+        base_iters=500, continual_iters=150, judge_pairwise_iters=400,
         judge_sft_iters=800,
         judge_grpo_iters=30, rewriter_sft_iters=500, rewriter_rl_iters=10,
         role_eval_examples=120,
     ),
     # The end-to-end test's: the same pipeline, shorter.
     "short": Preset(
-        base_iters=250, continual_iters=60, eval_prefixes=40, judge_pairwise_iters=20,
+        base_iters=250, continual_iters=60, judge_pairwise_iters=20,
         judge_sft_iters=20,
         judge_grpo_iters=2, rewriter_sft_iters=30, rewriter_rl_iters=2, role_eval_examples=16,
         # A judge of 40 SFT steps is no judge: the short run checks that every stage runs.
@@ -492,21 +491,11 @@ def judge_on_gold_pairs(runner: DemoRunner, demo: Path, continuations: list, lea
     return _read(out)
 
 
-def held_out_prefixes(runner: DemoRunner, demo: Path) -> list[Path]:
-    """The held-out prefix files (the first --eval-prefixes of each with the short preset)."""
-    files = [demo / "eval_unsafe_prefixes.jsonl", demo / "eval_safe_prefixes.jsonl"]
-    limit = runner.preset.eval_prefixes
-    if not limit:
-        return files
-    subset = runner.out / "data" / f"eval_subset_{limit}"
-    subset.mkdir(parents=True, exist_ok=True)
-    out = []
-    for path in files:
-        target = subset / path.name
-        lines = path.read_text().splitlines()[:limit]
-        target.write_text("\n".join(lines) + "\n")
-        out.append(target)
-    return out
+def held_out_prefixes(demo: Path) -> list[Path]:
+    """The held-out prefix files, all of them with either preset: the first few dozen of a set
+    are not a sample of it (the short run's first 40 unsafe prefixes: baseline 85% safe, all
+    635: 75%)."""
+    return [demo / "eval_unsafe_prefixes.jsonl", demo / "eval_safe_prefixes.jsonl"]
 
 
 def evaluate(runner: DemoRunner, name: str, checkpoint: Path, prefixes: list[Path]) -> Path:
@@ -601,7 +590,7 @@ def run_demo(out: Path, preset: Preset, args) -> None:
     baseline = continual_nll(runner, paths, preset.continual_iters)
     sip = continual_sip(runner, paths, preset.continual_iters, "sip")
     learned = learned_roles(runner, paths) if args.learned_roles else None
-    prefixes = held_out_prefixes(runner, paths["demo"])
+    prefixes = held_out_prefixes(paths["demo"])
     baseline_rows = evaluate(runner, "baseline", baseline, prefixes)
     sip_rows = evaluate(runner, "sip", sip, prefixes)
     # The oracle grades every policy; no trained model ever sees it.
@@ -677,7 +666,7 @@ def run_ablation(out: Path, preset: Preset, args) -> None:
     runner = DemoRunner(out, preset, args.nproc, args.fresh, total=total)
     paths = prepare(runner)
     iters = preset.continual_iters
-    prefixes = held_out_prefixes(runner, paths["demo"])
+    prefixes = held_out_prefixes(paths["demo"])
     rows: dict[str, list] = {variant.name: [] for variant in ABLATION}
     for seed in seeds:
         baseline_name = seeded("baseline", seed)
